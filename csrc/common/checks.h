@@ -1,0 +1,81 @@
+// Argument checks shared by the CPU and CUDA kernels (host code only). The public Python functions
+// check first, with friendlier messages; these guard direct calls of torch.ops.dabdetr.*.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+#include <c10/util/ArrayRef.h>
+
+namespace dabdetr {
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "dabdetr: '", name, "' is undefined");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "dabdetr: '", name,
+              "' must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "dabdetr: '", name, "' has dtype ", t.scalar_type(),
+              " but '", ref_name, "' has dtype ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "dabdetr: '", name, "' is on ", t.device(), " but '", ref_name,
+              "' is on ", ref.device());
+}
+
+inline void check_last_dim(const at::Tensor& t, int64_t size, const char* name) {
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == size, "dabdetr: '", name, "' must have last dimension ", size,
+              ", got shape ", t.sizes());
+}
+
+inline void check_same_leading(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.dim() == ref.dim() && t.sizes().slice(0, t.dim() - 1).equals(ref.sizes().slice(0, ref.dim() - 1)),
+              "dabdetr: '", name, "' must have the leading shape of '", ref_name, "' ",
+              ref.sizes().slice(0, ref.dim() - 1), ", got shape ", t.sizes());
+}
+
+inline void check_sine_args(int64_t num_feats, c10::ArrayRef<double> temperature, int64_t n_coords) {
+  TORCH_CHECK(num_feats > 0 && num_feats % 2 == 0, "dabdetr: 'num_feats' must be a positive even number, got ",
+              num_feats);
+  TORCH_CHECK(static_cast<int64_t>(temperature.size()) == n_coords, "dabdetr: 'temperature' must have ", n_coords,
+              " values (one per coordinate), got ", temperature.size());
+  for (double t : temperature) {
+    TORCH_CHECK(t > 0, "dabdetr: 'temperature' values must be positive, got ", t);
+  }
+}
+
+// Up to this many leading dims are indexed with strides; more are reshaped.
+constexpr int kMaxRowDims = 6;
+
+// Maps a flat row index over the leading dims of a [..., C] tensor to an element offset, so that
+// views such as x.transpose(0, 1) of a sequence-first [N, B, C] tensor are read without a copy.
+struct RowIndexer {
+  int ndim = 0;
+  int64_t sizes[kMaxRowDims];
+  int64_t strides[kMaxRowDims];
+  int64_t offset(int64_t row) const {
+    int64_t off = 0;
+    for (int d = ndim - 1; d >= 0; --d) {
+      const int64_t i = row % sizes[d];
+      row /= sizes[d];
+      off += i * strides[d];
+    }
+    return off;
+  }
+};
+
+// Returns a tensor equal to `t` whose last dim is contiguous and whose leading dims fit a
+// RowIndexer (a copy only when needed), and fills `idx`.
+inline at::Tensor make_row_indexer(const at::Tensor& t, RowIndexer& idx) {
+  at::Tensor u = t;
+  if (u.dim() == 0 || u.stride(-1) != 1 || u.dim() - 1 > kMaxRowDims) {
+    u = u.contiguous();
+  }
+  idx.ndim = static_cast<int>(u.dim() - 1);
+  for (int d = 0; d < idx.ndim; ++d) {
+    idx.sizes[d] = u.size(d);
+    idx.strides[d] = u.stride(d);
+  }
+  return u;
+}
+
+}  // namespace dabdetr

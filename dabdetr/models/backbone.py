@@ -1,0 +1,251 @@
+"""ResNet backbones with frozen batch norm, and the backbone + position-encoding wrapper.
+
+The ResNet is written here (no torchvision dependency) with torchvision's parameter names
+(``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0`` ...), so torchvision ImageNet
+weights load into :class:`ResNet` directly (``fc.*`` is dropped) when a user has them; nothing is
+downloaded at run time.
+
+Module paths inside :class:`DABDETR` follow the original: ``backbone.0.body.<torchvision name>``
+(``backbone`` is a :class:`Joiner`, a two-entry ``nn.Sequential`` of the :class:`Backbone` and the
+position encoding), so the original checkpoints' backbone keys map one to one.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "FrozenBatchNorm2d",
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "resnet",
+    "RESNET_SPECS",
+    "Backbone",
+    "Joiner",
+    "load_torchvision_resnet_weights",
+]
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (all buffers).
+
+    ``y = x * s + (b - mean * s)``, ``s = w * rsqrt(var + eps)``, eps 1e-5 as the original.
+    ``num_batches_tracked`` in a loaded state dict is ignored.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + bias.reshape(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def _norm_factory(kind: str, eps: float):
+    if kind == "frozen":
+        return lambda c: FrozenBatchNorm2d(c, eps=eps)
+    if kind == "batch":
+        return lambda c: nn.BatchNorm2d(c, eps=eps)
+    raise ValueError(f"backbone norm must be 'frozen' or 'batch', got {kind!r}")
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 dilation: int = 1, norm=None):
+        super().__init__()
+        if dilation > 1:
+            raise ValueError("dilation > 1 (DC5) is not supported by BasicBlock ResNets (resnet18/34), "
+                             "as in torchvision; use resnet50/101 for DC5")
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = norm(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = norm(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 dilation: int = 1, norm=None):
+        super().__init__()
+        self.conv1 = _conv1x1(inplanes, planes)
+        self.bn1 = norm(planes)
+        self.conv2 = _conv3x3(planes, planes, stride, dilation)
+        self.bn2 = norm(planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = norm(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+RESNET_SPECS: Dict[str, Tuple[Type[nn.Module], Tuple[int, int, int, int]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """ResNet body (no pooling head / fc) with torchvision parameter names; returns layer4's map.
+
+    ``dilation=True`` replaces layer4's stride by dilation 2 (DC5, output stride 16): its first block
+    keeps dilation 1 and stride 1, the others use dilation 2, as torchvision's
+    ``replace_stride_with_dilation=[False, False, True]``.
+    """
+
+    def __init__(self, block: Type[nn.Module], layers: Sequence[int], dilation: bool = False,
+                 norm: str = "frozen", norm_eps: float = 1e-5):
+        super().__init__()
+        self._norm = _norm_factory(norm, norm_eps)
+        self.inplanes = 64
+        self.dilation = 1
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = self._norm(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilation)
+        self.num_channels = 512 * block.expansion
+        self.stride = 16 if dilation else 32
+        self._init_weights()
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(_conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       self._norm(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample, previous_dilation, norm=self._norm)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, dilation=self.dilation, norm=self._norm))
+        return nn.Sequential(*layers)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+
+def resnet(name: str, dilation: bool = False, norm: str = "frozen", norm_eps: float = 1e-5) -> ResNet:
+    if name not in RESNET_SPECS:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(RESNET_SPECS)}")
+    block, layers = RESNET_SPECS[name]
+    return ResNet(block, layers, dilation=dilation, norm=norm, norm_eps=norm_eps)
+
+
+def load_torchvision_resnet_weights(body: ResNet, state_dict: Dict[str, Tensor]) -> None:
+    """Load a torchvision ``resnetXX`` state dict (e.g. ImageNet weights a user has on disk) into
+    ``body``. ``fc.*`` and ``num_batches_tracked`` are dropped; every other key must match."""
+    sd = {k: v for k, v in state_dict.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    missing, unexpected = body.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise KeyError(f"torchvision ResNet weights do not match the backbone: missing {missing[:10]}, "
+                       f"unexpected {unexpected[:10]}")
+
+
+class Backbone(nn.Module):
+    """ResNet body + padding-mask downsampling. Only layer4 is returned (the original without
+    ``--masks``).
+
+    Trainable-layer rule of the original: when ``train_backbone`` (``lr_backbone > 0``), parameters
+    whose name contains one of ``trainable_layers`` (default layer2-4) train; all others are frozen.
+    """
+
+    def __init__(self, name: str = "resnet50", dilation: bool = False, train_backbone: bool = True,
+                 trainable_layers: Sequence[str] = ("layer2", "layer3", "layer4"),
+                 norm: str = "frozen", norm_eps: float = 1e-5):
+        super().__init__()
+        self.body = resnet(name, dilation=dilation, norm=norm, norm_eps=norm_eps)
+        self.num_channels = self.body.num_channels
+        self.stride = self.body.stride
+        for pname, p in self.body.named_parameters():
+            if not train_backbone or not any(layer in pname for layer in trainable_layers):
+                p.requires_grad_(False)
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+        feat = self.body(images)
+        # legacy 'nearest' downsampling of the padding mask, as the original
+        mask_f = F.interpolate(mask[None].float(), size=feat.shape[-2:]).to(torch.bool)[0]
+        return feat, mask_f
+
+
+class Joiner(nn.Sequential):
+    """``Sequential(backbone, position_embedding)`` as the original's Joiner (so its keys are
+    ``backbone.0.body.*``). Returns ``(feature [B,C,h,w], mask [B,h,w], pos [B,d,h,w])``; the position
+    embedding is cast to the feature dtype."""
+
+    def __init__(self, backbone: Backbone, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+        self.stride = backbone.stride
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        feat, mask_f = self[0](images, mask)
+        pos = self[1](mask_f).to(feat.dtype)
+        return feat, mask_f, pos

@@ -1,0 +1,378 @@
+"""DAB-DETR transformer: encoder with the conditionally rescaled image PE, and the DAB decoder.
+
+Faithful to the original ``models/DAB_DETR/transformer.py`` (REFERENCE.md §2-§4), with two layout
+changes that do not change the math: tensors are batch-first (``[B, N, C]``) inside, and attention
+runs through ``F.scaled_dot_product_attention`` (self-attention) and
+:func:`dabdetr.ops.content_position_attention` (the decoder's split cross-attention). Parameter names
+are the original's (``sa_qcontent_proj``, ``ca_kpos_proj``, ``self_attn.in_proj_weight`` ...), so the
+original checkpoints load with an identity key map.
+
+Every ``dabdetr.ops`` call gets ``backend=self.backend``: ``"torch"`` is the eager reference,
+``"cpu"`` / ``"cuda"`` / ``"triton"`` the fused kernels, ``None`` the automatic choice.
+
+Intermediates: pass a dict as ``rec`` and every module appends the tensors the parity fixture names
+(batch-first here; the fixture stores the transformer's tensors sequence-first).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from .box_ops import inverse_sigmoid
+
+__all__ = ["MLP", "TransformerEncoderLayer", "TransformerEncoder", "TransformerDecoderLayer",
+           "TransformerDecoder", "Transformer", "build_activation"]
+
+Rec = Optional[Dict[str, list]]
+
+
+def _put(rec: Rec, key: str, value: Tensor) -> None:
+    if rec is not None:
+        rec.setdefault(key, []).append(value.detach())
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < self.num_layers - 1:
+                x = F.relu(x)
+        return x
+
+
+def build_activation(name: str) -> nn.Module:
+    """The original's ``_get_activation_fn`` (``glu`` changes widths and is not supported)."""
+    table = {"relu": nn.ReLU, "gelu": nn.GELU, "prelu": nn.PReLU, "selu": nn.SELU}
+    if name not in table:
+        raise ValueError(f"activation should be one of {sorted(table)}, not {name!r}")
+    return table[name]()
+
+
+def _heads(x: Tensor, nhead: int) -> Tensor:
+    """``[B, N, C]`` → ``[B, H, N, C/H]``."""
+    B, N, C = x.shape
+    return x.view(B, N, nhead, C // nhead).transpose(1, 2)
+
+
+def _merge(x: Tensor) -> Tensor:
+    """``[B, H, N, d]`` → ``[B, N, H*d]``."""
+    B, H, N, d = x.shape
+    return x.transpose(1, 2).reshape(B, N, H * d)
+
+
+class EncoderSelfAttention(nn.Module):
+    """``nn.MultiheadAttention``'s parameters (``in_proj_weight`` rows q | k | v, ``out_proj``),
+    computed with SDPA; q and k share their input (``src + pos``), v gets ``src``."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"hidden_dim {d_model} must be divisible by nheads {nhead}")
+        self.d_model, self.nhead, self.dropout = d_model, nhead, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, qk: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        d = self.d_model
+        w, b = self.in_proj_weight, self.in_proj_bias
+        q = F.linear(qk, w[:d], b[:d])
+        k = F.linear(qk, w[d:2 * d], b[d:2 * d])
+        v = F.linear(v, w[2 * d:], b[2 * d:])
+        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            _heads(q, self.nhead), _heads(k, self.nhead), _heads(v, self.nhead), attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(_merge(out))
+
+
+class OutProjOnly(nn.Module):
+    """The original decoder's attention modules have no input projection, only ``out_proj``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_proj(x)
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Post-norm encoder layer: ``q = k = src + pos_l``, ``v = src``; FFN with ``activation``."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.0,
+                 activation: str = "prelu"):
+        super().__init__()
+        self.self_attn = EncoderSelfAttention(d_model, nhead, dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = build_activation(activation)
+
+    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        src2 = self.self_attn(src + pos, src, key_padding_mask)
+        src = self.norm1(src + self.dropout1(src2))
+        src2 = self.linear2(self.dropout(self.activation(self.linear1(src))))
+        return self.norm2(src + self.dropout2(src2))
+
+
+class TransformerEncoder(nn.Module):
+    """Encoder; before each layer the image PE is rescaled element-wise by ``query_scale`` (one MLP
+    shared by all layers) of that layer's input. No final norm (post-norm model)."""
+
+    def __init__(self, layer: TransformerEncoderLayer, num_layers: int, d_model: int):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+
+    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Optional[Tensor], rec: Rec = None) -> Tensor:
+        out = src
+        for layer in self.layers:
+            pos_scales = self.query_scale(out)
+            _put(rec, "enc_pos_scales", pos_scales)
+            out = layer(out, pos * pos_scales, key_padding_mask)
+            _put(rec, "enc_layer_out", out)
+        return out
+
+
+class TransformerDecoderLayer(nn.Module):
+    """DAB-DETR decoder layer (REFERENCE.md §4), post-norm.
+
+    Self-attention over the queries with separately projected content/position parts (8 heads,
+    scale 1/sqrt(d/H)); split cross-attention ``softmax((q_c·k_c + q_s·k_p)/sqrt(2d/H)) v`` through
+    :func:`dabdetr.ops.content_position_attention`; FFN. ``ca_qpos_proj`` exists in the first layer
+    only (``keep_query_pos=False``), where the positional query/key are also added to the content
+    parts.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.0,
+                 activation: str = "prelu", is_first: bool = False, backend: Optional[str] = None):
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"hidden_dim {d_model} must be divisible by nheads {nhead}")
+        self.d_model, self.nhead, self.attn_dropout = d_model, nhead, dropout
+        self.is_first = is_first
+        self.backend = backend
+        # self-attention
+        self.sa_qcontent_proj = nn.Linear(d_model, d_model)
+        self.sa_qpos_proj = nn.Linear(d_model, d_model)
+        self.sa_kcontent_proj = nn.Linear(d_model, d_model)
+        self.sa_kpos_proj = nn.Linear(d_model, d_model)
+        self.sa_v_proj = nn.Linear(d_model, d_model)
+        self.self_attn = OutProjOnly(d_model)
+        # cross-attention
+        self.ca_qcontent_proj = nn.Linear(d_model, d_model)
+        self.ca_qpos_proj = nn.Linear(d_model, d_model) if is_first else None
+        self.ca_kcontent_proj = nn.Linear(d_model, d_model)
+        self.ca_kpos_proj = nn.Linear(d_model, d_model)
+        self.ca_v_proj = nn.Linear(d_model, d_model)
+        self.ca_qpos_sine_proj = nn.Linear(d_model, d_model)
+        self.cross_attn = OutProjOnly(d_model)
+        # FFN
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.activation = build_activation(activation)
+
+    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor, query_sine_embed: Tensor,
+                memory_key_padding_mask: Optional[Tensor], rec: Rec = None) -> Tensor:
+        H = self.nhead
+        p = self.attn_dropout if self.training else 0.0
+        _put(rec, "dec_layer_in", tgt)
+        # ---- self-attention
+        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
+        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
+        v = self.sa_v_proj(tgt)
+        sa = F.scaled_dot_product_attention(_heads(q, H), _heads(k, H), _heads(v, H), dropout_p=p)
+        tgt2 = self.self_attn(_merge(sa))
+        _put(rec, "dec_self_attn_out", tgt2)
+        tgt = self.norm1(tgt + self.dropout1(tgt2))
+
+        # ---- cross-attention
+        B, Q, d = tgt.shape
+        HW = memory.shape[1]
+        q_content = self.ca_qcontent_proj(tgt)
+        k_content = self.ca_kcontent_proj(memory)
+        value = self.ca_v_proj(memory)
+        k_pos = self.ca_kpos_proj(pos)
+        if self.ca_qpos_proj is not None:
+            q_content = q_content + self.ca_qpos_proj(query_pos)
+            k_content = k_content + k_pos
+        q_pos = self.ca_qpos_sine_proj(query_sine_embed)
+        dh = d // H
+        args = (q_content.view(B, Q, H, dh), q_pos.view(B, Q, H, dh), k_content.view(B, HW, H, dh),
+                k_pos.view(B, HW, H, dh), value.view(B, HW, H, dh))
+        out = ops.content_position_attention(*args, key_padding_mask=memory_key_padding_mask, dropout_p=p,
+                                             backend=self.backend)
+        out = out.reshape(B, Q, d)
+        if rec is not None:
+            for name, t in zip(("dec_ca_q_content", "dec_ca_q_pos", "dec_ca_k_content", "dec_ca_k_pos", "dec_ca_v"),
+                               (q_content, q_pos, k_content, k_pos, value)):
+                _put(rec, name, t)
+            if memory_key_padding_mask is not None:
+                _put(rec, "dec_ca_key_padding_mask", memory_key_padding_mask)
+            _put(rec, "dec_ca_out_before_proj", out)
+            _put(rec, "dec_cross_attn_weights", _head_averaged_weights(*args[:4], memory_key_padding_mask))
+        tgt2 = self.cross_attn(out)
+        _put(rec, "dec_cross_attn_out", tgt2)
+        tgt = self.norm2(tgt + self.dropout2(tgt2))
+
+        # ---- FFN
+        tgt2 = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout3(tgt2))
+
+
+@torch.no_grad()
+def _head_averaged_weights(qc: Tensor, qp: Tensor, kc: Tensor, kp: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Head-averaged cross-attention probabilities ``[B, Nq, Nk]`` (for inspection only)."""
+    scale = (qc.shape[-1] + qp.shape[-1]) ** -0.5
+    logits = (torch.einsum("bqhd,bkhd->bhqk", qc, kc) + torch.einsum("bqhd,bkhd->bhqk", qp, kp)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(mask[:, None, None, :], float("-inf"))
+    return logits.float().softmax(-1).mean(1)
+
+
+class TransformerDecoder(nn.Module):
+    """The DAB decoder loop (REFERENCE.md §3): per layer, the anchor sine embedding →
+    ``ref_point_head`` (query position), the conditional scale ``query_scale(content)`` (layers ≥ 1),
+    the w/h modulation by ``sigmoid(ref_anchor_head(content))``, the layer, then the anchor update
+    ``sigmoid(bbox_embed(out) + inverse_sigmoid(anchor))`` (kept with its gradient for the returned
+    references; detached for the next layer). The shared ``bbox_embed`` is passed in by the model (it
+    is not registered here, so it appears once in the state dict)."""
+
+    def __init__(self, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, dropout: float,
+                 activation: str, query_temperature: float = 10000.0, inverse_sigmoid_eps: float = 1e-3,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.d_model = d_model
+        self.num_layers = num_layers
+        self.query_temperature = float(query_temperature)
+        self.inverse_sigmoid_eps = inverse_sigmoid_eps
+        self.backend = backend
+        self.layers = nn.ModuleList(
+            TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation, is_first=(i == 0),
+                                    backend=backend)
+            for i in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.query_scale = MLP(d_model, d_model, d_model, 2)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.ref_anchor_head = MLP(d_model, d_model, 2, 2)
+
+    def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, refpoints_unsigmoid: Tensor,
+                memory_key_padding_mask: Optional[Tensor], bbox_embed: nn.Module,
+                rec: Rec = None) -> Tuple[Tensor, Tensor]:
+        """``tgt [B,Q,d]``, ``memory``/``pos [B,HW,d]``, ``refpoints_unsigmoid [B,Q,4]`` →
+        ``hs [L,B,Q,d]`` (decoder-normed outputs), ``references [L,B,Q,4]`` (float32)."""
+        F_ = self.d_model // 2
+        T = self.query_temperature
+        eps = self.inverse_sigmoid_eps
+        output = tgt
+        reference_points = refpoints_unsigmoid.float().sigmoid()
+        refs: List[Tensor] = [reference_points]
+        intermediate: List[Tensor] = []
+        for lid, layer in enumerate(self.layers):
+            anchors = reference_points
+            sine = ops.sine_embed(anchors, num_feats=F_, temperature=T, backend=self.backend)  # [B,Q,2d] (y,x,w,h)
+            query_pos = self.ref_point_head(sine)
+            pos_scale = None if lid == 0 else self.query_scale(output)
+            ref_hw_logits = self.ref_anchor_head(output)
+            ref_wh = ref_hw_logits.sigmoid()
+            qse = ops.modulated_sine_query(anchors, ref_wh, pos_scale, num_feats=F_, temperature=T,
+                                           backend=self.backend)
+            if rec is not None:
+                _put(rec, "dec_query_sine_embed_raw", sine)
+                _put(rec, "dec_query_pos", query_pos)
+                if pos_scale is not None:
+                    _put(rec, "dec_query_scale_out", pos_scale)
+                _put(rec, "dec_ref_anchor_head_out", ref_hw_logits)
+                _put(rec, "dec_query_sine_embed", qse)
+            output = layer(output, memory, pos, query_pos, qse, memory_key_padding_mask, rec)
+            _put(rec, "dec_layer_out", output)
+            # anchor update on the un-normalised output, in float32
+            delta = bbox_embed(output).float()
+            _put(rec, "dec_bbox_embed_in_loop_out", delta)
+            new_ref = (delta + inverse_sigmoid(reference_points, eps)).sigmoid()
+            if lid != self.num_layers - 1:
+                refs.append(new_ref)
+            reference_points = new_ref.detach()
+            intermediate.append(self.norm(output))
+        return torch.stack(intermediate), torch.stack(refs)
+
+
+class Transformer(nn.Module):
+    """Encoder + decoder + (optional) pattern embeddings.
+
+    ``num_patterns = P > 0``: decoder query ``p*nq + a`` has content ``patterns.weight[p]`` and anchor
+    ``a`` (pattern-major order, as the original); ``P = 0``: zero content, one query per anchor.
+    """
+
+    def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
+                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.0,
+                 activation: str = "prelu", num_patterns: int = 0, query_temperature: float = 10000.0,
+                 inverse_sigmoid_eps: float = 1e-3, backend: Optional[str] = None):
+        super().__init__()
+        self.d_model, self.nhead = d_model, nhead
+        enc_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation)
+        self.encoder = TransformerEncoder(enc_layer, num_encoder_layers, d_model)
+        self.decoder = TransformerDecoder(d_model, nhead, num_decoder_layers, dim_feedforward, dropout, activation,
+                                          query_temperature, inverse_sigmoid_eps, backend)
+        self._reset_parameters()
+        self.num_patterns = num_patterns
+        if num_patterns > 0:
+            self.patterns = nn.Embedding(num_patterns, d_model)
+
+    def _reset_parameters(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, src: Tensor, mask: Tensor, refpoint_embed: Tensor, pos_embed: Tensor, bbox_embed: nn.Module,
+                rec: Rec = None) -> Tuple[Tensor, Tensor]:
+        """``src``/``pos_embed [B,d,h,w]``, ``mask [B,h,w]``, ``refpoint_embed [nq,4]`` (logits) →
+        ``hs [L,B,Q,d]``, ``references [L,B,Q,4]``."""
+        B = src.shape[0]
+        src = src.flatten(2).transpose(1, 2)  # [B,HW,d]
+        pos = pos_embed.flatten(2).transpose(1, 2)
+        key_padding_mask = mask.flatten(1)
+        memory = self.encoder(src, pos, key_padding_mask, rec)
+        if rec is not None:
+            rec["memory"] = [memory.detach()]
+        nq = refpoint_embed.shape[0]
+        if self.num_patterns > 0:
+            tgt = self.patterns.weight[:, None, :].expand(self.num_patterns, nq, self.d_model).reshape(-1, self.d_model)
+            tgt = tgt[None].expand(B, -1, -1)
+            refpoints = refpoint_embed.repeat(self.num_patterns, 1)
+        else:
+            tgt = memory.new_zeros(B, nq, self.d_model)
+            refpoints = refpoint_embed
+        refpoints = refpoints[None].expand(B, -1, -1)
+        return self.decoder(tgt, memory, pos, refpoints, key_padding_mask, bbox_embed, rec)
