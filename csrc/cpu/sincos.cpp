@@ -8,7 +8,9 @@
 // baseline x86-64 and picked at load time (GCC target_clones).
 #include "sincos.h"
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define DABDETR_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -36,12 +38,14 @@ inline void sincos_poly(float x, float& s, float& c) {
   const float z = r * r;
   const float ps = r + r * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
   const float pc = 1.0f - 0.5f * z + z * z * (4.166664568298827e-2f + z * (-1.388731625493765e-3f + z * 2.443315711809948e-5f));
-  float sv = (q & 1) ? pc : ps;
-  float cv = (q & 1) ? ps : pc;
-  sv = (q & 2) ? -sv : sv;
-  cv = ((q + 1) & 2) ? -cv : cv;
-  s = sv;
-  c = cv;
+  // Quadrant fix-up with integer bit operations (vectorizes as blends / xors):
+  // q = 0: (s, c); 1: (c, -s); 2: (-s, -c); 3: (-c, s).
+  const uint32_t swap = 0u - static_cast<uint32_t>(q & 1);
+  const uint32_t bs = std::bit_cast<uint32_t>(ps), bc = std::bit_cast<uint32_t>(pc);
+  const uint32_t sv = (bs & ~swap) | (bc & swap);
+  const uint32_t cv = (bc & ~swap) | (bs & swap);
+  s = std::bit_cast<float>(sv ^ (static_cast<uint32_t>(q & 2) << 30));
+  c = std::bit_cast<float>(cv ^ (static_cast<uint32_t>((q + 1) & 2) << 30));
 }
 
 }  // namespace
@@ -52,10 +56,11 @@ void sincos_scaled(float v, const float* __restrict w, int64_t n, float* __restr
 #pragma omp simd reduction(max : amax)
   for (int64_t j = 0; j < n; ++j) {
     const float x = v * w[j];
-    amax = std::fmax(amax, std::fabs(x));
+    const float ax = std::fabs(x);
+    amax = ax > amax ? ax : amax;
     sincos_poly(x, s[j], c[j]);
   }
-  if (!(amax < kMaxReduced)) {  // also catches NaN / inf
+  if (!(amax < kMaxReduced)) {  // also catches inf
     for (int64_t j = 0; j < n; ++j) {
       const float x = v * w[j];
       s[j] = std::sin(x);
@@ -80,7 +85,8 @@ float sincos_grad_dot(float v, const float* __restrict w, int64_t n, const float
 #pragma omp simd reduction(max : amax) reduction(+ : acc)
   for (int64_t j = 0; j < n; ++j) {
     const float x = v * w[j];
-    amax = std::fmax(amax, std::fabs(x));
+    const float ax = std::fabs(x);
+    amax = ax > amax ? ax : amax;
     float s, c;
     sincos_poly(x, s, c);
     acc += w[j] * (gs[j] * c - gc[j] * s);

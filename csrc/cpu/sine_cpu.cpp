@@ -252,11 +252,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_sine_query_backward_cpu
     scalar_t* gr = has_ref ? g_ref.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gps = has_ps ? g_ps.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, rows, grain_for(4 * F), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(4 * half);
+      std::vector<acc_t> buf(2 * half);
       acc_t* s = buf.data();
       acc_t* c = s + half;
-      acc_t* es = c + half;  // d loss / d sin, d loss / d cos of the block
-      acc_t* ec = es + half;
       const acc_t sc = static_cast<acc_t>(scale);
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* an = ap + aidx.offset(r);
@@ -277,7 +275,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_sine_query_backward_cpu
           const acc_t v = static_cast<acc_t>(an[coord * as]) * sc;
           sincos_scaled(v, w.data() + coord * half, half, s, c);
           const scalar_t* gb = go + blk * F;
-          acc_t dr = 0;
+          // d out / d v of pair j: (cos, -sin) * w[j]; sin/cos are reused from the forward formula.
+          const acc_t* wj = w.data() + coord * half;
+          acc_t dr = 0, dv = 0;
           if (prow != nullptr) {
             const scalar_t* pb = prow + blk * F;
             scalar_t* gpb = gps + r * 2 * F + blk * F;
@@ -286,20 +286,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_sine_query_backward_cpu
               const acc_t p0 = static_cast<acc_t>(pb[2 * j]), p1 = static_cast<acc_t>(pb[2 * j + 1]);
               gpb[2 * j] = static_cast<scalar_t>(g0 * s[j] * rt);
               gpb[2 * j + 1] = static_cast<scalar_t>(g1 * c[j] * rt);
-              dr += g0 * s[j] * p0 + g1 * c[j] * p1;
-              es[j] = g0 * p0 * rt;
-              ec[j] = g1 * p1 * rt;
+              const acc_t e0 = g0 * p0, e1 = g1 * p1;
+              dr += e0 * s[j] + e1 * c[j];
+              dv += wj[j] * (e0 * c[j] - e1 * s[j]);
             }
           } else {
             for (int64_t j = 0; j < half; ++j) {
               const acc_t g0 = static_cast<acc_t>(gb[2 * j]), g1 = static_cast<acc_t>(gb[2 * j + 1]);
               dr += g0 * s[j] + g1 * c[j];
-              es[j] = g0 * rt;
-              ec[j] = g1 * rt;
+              dv += wj[j] * (g0 * c[j] - g1 * s[j]);
             }
           }
           g_ratio[coord] = dr;
-          g_coord[coord] = sincos_grad_dot(v, w.data() + coord * half, half, es, ec) * sc;
+          g_coord[coord] = dv * rt * sc;
         }
         scalar_t* gar = ga + r * 4;
         gar[0] = static_cast<scalar_t>(g_coord[0]);

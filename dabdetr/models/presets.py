@@ -8,6 +8,7 @@ paper's variants as presets.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
@@ -136,7 +137,7 @@ PRESETS: Dict[str, Preset] = {
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name])
+    return copy.deepcopy(PRESETS[name])
 
 
 def get_config(name: str, **overrides: Any) -> DABDETRConfig:

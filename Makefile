@@ -1,0 +1,34 @@
+# dabdetr — developer commands. `make demo` and `make test` work on a fresh machine (see README).
+PYTHON ?= python3
+export MAX_JOBS ?= 2
+# Packages from PyPI; torch resolves to the newest allowed build (a CUDA build on x86-64 Linux).
+DEPS = torch ninja pybind11 numpy scipy pillow tqdm pycocotools pytest hypothesis
+STAMP = build/.dabdetr-installed
+SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
+
+.PHONY: setup deps demo test test-fast bench clean
+
+deps:
+	$(PYTHON) -m pip install -q $(DEPS)
+
+# Editable install; rebuilt only when the C++/CUDA sources or the build files change.
+$(STAMP): $(SOURCES)
+	$(MAKE) deps
+	$(PYTHON) -m pip install -q -e . --no-build-isolation
+	@mkdir -p build && touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: a demo of the fused ops, then the op benchmark table (CPU on this machine).
+demo: setup
+	$(PYTHON) -m dabdetr.demo
+	$(PYTHON) benchmarks/bench_ops.py
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+bench: setup
+	$(PYTHON) benchmarks/bench_ops.py
+
+clean:
+	rm -rf build dabdetr/_C*.so *.egg-info
