@@ -112,3 +112,54 @@ double sincos_grad_dot(double v, const double* w, int64_t n, const double* gs, c
 
 }  // namespace cpu
 }  // namespace dabdetr
+
+namespace dabdetr {
+namespace cpu {
+
+DABDETR_TARGET_CLONES
+void interleave_scaled(const float* __restrict s, const float* __restrict c, const float* __restrict p, float r,
+                       int64_t n, float* __restrict out) {
+  if (p != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      out[2 * j] = s[j] * p[2 * j] * r;
+      out[2 * j + 1] = c[j] * p[2 * j + 1] * r;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      out[2 * j] = s[j] * r;
+      out[2 * j + 1] = c[j] * r;
+    }
+  }
+}
+
+DABDETR_TARGET_CLONES
+void block_backward(const float* __restrict g, const float* __restrict p, const float* __restrict s,
+                    const float* __restrict c, const float* __restrict w, float r, int64_t n, float* __restrict gp,
+                    float& dr_out, float& dv_out) {
+  float dr = 0.0f, dv = 0.0f;
+  if (p != nullptr) {
+#pragma omp simd reduction(+ : dr, dv)
+    for (int64_t j = 0; j < n; ++j) {
+      const float g0 = g[2 * j], g1 = g[2 * j + 1];
+      gp[2 * j] = g0 * s[j] * r;
+      gp[2 * j + 1] = g1 * c[j] * r;
+      const float e0 = g0 * p[2 * j], e1 = g1 * p[2 * j + 1];
+      dr += e0 * s[j] + e1 * c[j];
+      dv += w[j] * (e0 * c[j] - e1 * s[j]);
+    }
+  } else {
+#pragma omp simd reduction(+ : dr, dv)
+    for (int64_t j = 0; j < n; ++j) {
+      const float g0 = g[2 * j], g1 = g[2 * j + 1];
+      dr += g0 * s[j] + g1 * c[j];
+      dv += w[j] * (g0 * c[j] - g1 * s[j]);
+    }
+  }
+  dr_out = dr;
+  dv_out = dv;
+}
+
+}  // namespace cpu
+}  // namespace dabdetr

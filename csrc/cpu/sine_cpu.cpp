@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
@@ -34,14 +35,55 @@ struct AccType<double> {
 // Row grain of the parallel loops: each row costs ~num_feats sincos evaluations.
 int64_t grain_for(int64_t work_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_row)); }
 
+// out[2j] = s[j] * p[2j] * r, out[2j + 1] = c[j] * p[2j + 1] * r (p == nullptr: no p). float32 takes
+// the vectorized overload of sincos.cpp.
+template <typename scalar_t, typename acc_t>
+inline void write_block(const acc_t* s, const acc_t* c, const scalar_t* p, acc_t r, int64_t half, scalar_t* out) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    interleave_scaled(s, c, p, r, half, out);
+  } else if (p != nullptr) {
+    for (int64_t j = 0; j < half; ++j) {
+      out[2 * j] = static_cast<scalar_t>(s[j] * static_cast<acc_t>(p[2 * j]) * r);
+      out[2 * j + 1] = static_cast<scalar_t>(c[j] * static_cast<acc_t>(p[2 * j + 1]) * r);
+    }
+  } else {
+    for (int64_t j = 0; j < half; ++j) {
+      out[2 * j] = static_cast<scalar_t>(s[j] * r);
+      out[2 * j + 1] = static_cast<scalar_t>(c[j] * r);
+    }
+  }
+}
+
+// Backward of one block of out = E(v) * p * r (see sincos.h, block_backward).
+template <typename scalar_t, typename acc_t>
+inline void backward_block(const scalar_t* g, const scalar_t* p, const acc_t* s, const acc_t* c, const acc_t* w,
+                           acc_t r, int64_t half, scalar_t* gp, acc_t& dr_out, acc_t& dv_out) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    block_backward(g, p, s, c, w, r, half, gp, dr_out, dv_out);
+  } else {
+    acc_t dr = 0, dv = 0;
+    for (int64_t j = 0; j < half; ++j) {
+      const acc_t g0 = static_cast<acc_t>(g[2 * j]), g1 = static_cast<acc_t>(g[2 * j + 1]);
+      const acc_t p0 = p != nullptr ? static_cast<acc_t>(p[2 * j]) : acc_t(1);
+      const acc_t p1 = p != nullptr ? static_cast<acc_t>(p[2 * j + 1]) : acc_t(1);
+      if (p != nullptr) {
+        gp[2 * j] = static_cast<scalar_t>(g0 * s[j] * r);
+        gp[2 * j + 1] = static_cast<scalar_t>(g1 * c[j] * r);
+      }
+      const acc_t e0 = g0 * p0, e1 = g1 * p1;
+      dr += e0 * s[j] + e1 * c[j];
+      dv += w[j] * (e0 * c[j] - e1 * s[j]);
+    }
+    dr_out = dr;
+    dv_out = dv;
+  }
+}
+
 // Writes the embedding of one coordinate value into out[0 : 2 * half] (sin, cos interleaved).
 template <typename scalar_t, typename acc_t>
 inline void embed_block(acc_t v, const acc_t* w, int64_t half, acc_t* s, acc_t* c, scalar_t* out) {
   sincos_scaled(v, w, half, s, c);
-  for (int64_t j = 0; j < half; ++j) {
-    out[2 * j] = static_cast<scalar_t>(s[j]);
-    out[2 * j + 1] = static_cast<scalar_t>(c[j]);
-  }
+  write_block<scalar_t, acc_t>(s, c, nullptr, acc_t(1), half, out);
 }
 
 at::Tensor sine_embed_cpu(const at::Tensor& coords, int64_t num_feats, c10::ArrayRef<double> temperature,
@@ -198,18 +240,7 @@ at::Tensor modulated_sine_query_cpu(const at::Tensor& anchors, const c10::option
           sincos_scaled(v, w.data() + coord * half, half, s, c);
           scalar_t* ob = o + blk * F;
           const acc_t rt = ratio[blk];
-          if (prow != nullptr) {
-            const scalar_t* pb = prow + blk * F;
-            for (int64_t j = 0; j < half; ++j) {
-              ob[2 * j] = static_cast<scalar_t>(s[j] * static_cast<acc_t>(pb[2 * j]) * rt);
-              ob[2 * j + 1] = static_cast<scalar_t>(c[j] * static_cast<acc_t>(pb[2 * j + 1]) * rt);
-            }
-          } else {
-            for (int64_t j = 0; j < half; ++j) {
-              ob[2 * j] = static_cast<scalar_t>(s[j] * rt);
-              ob[2 * j + 1] = static_cast<scalar_t>(c[j] * rt);
-            }
-          }
+          write_block<scalar_t, acc_t>(s, c, prow != nullptr ? prow + blk * F : nullptr, rt, half, ob);
         }
       }
     });
@@ -278,25 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_sine_query_backward_cpu
           // d out / d v of pair j: (cos, -sin) * w[j]; sin/cos are reused from the forward formula.
           const acc_t* wj = w.data() + coord * half;
           acc_t dr = 0, dv = 0;
-          if (prow != nullptr) {
-            const scalar_t* pb = prow + blk * F;
-            scalar_t* gpb = gps + r * 2 * F + blk * F;
-            for (int64_t j = 0; j < half; ++j) {
-              const acc_t g0 = static_cast<acc_t>(gb[2 * j]), g1 = static_cast<acc_t>(gb[2 * j + 1]);
-              const acc_t p0 = static_cast<acc_t>(pb[2 * j]), p1 = static_cast<acc_t>(pb[2 * j + 1]);
-              gpb[2 * j] = static_cast<scalar_t>(g0 * s[j] * rt);
-              gpb[2 * j + 1] = static_cast<scalar_t>(g1 * c[j] * rt);
-              const acc_t e0 = g0 * p0, e1 = g1 * p1;
-              dr += e0 * s[j] + e1 * c[j];
-              dv += wj[j] * (e0 * c[j] - e1 * s[j]);
-            }
-          } else {
-            for (int64_t j = 0; j < half; ++j) {
-              const acc_t g0 = static_cast<acc_t>(gb[2 * j]), g1 = static_cast<acc_t>(gb[2 * j + 1]);
-              dr += g0 * s[j] + g1 * c[j];
-              dv += wj[j] * (g0 * c[j] - g1 * s[j]);
-            }
-          }
+          backward_block<scalar_t, acc_t>(gb, prow != nullptr ? prow + blk * F : nullptr, s, c, wj, rt, half,
+                                          prow != nullptr ? gps + r * 2 * F + blk * F : nullptr, dr, dv);
           g_ratio[coord] = dr;
           g_coord[coord] = dv * rt * sc;
         }
