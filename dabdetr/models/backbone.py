@@ -12,7 +12,7 @@ position encoding), so the original checkpoints' backbone keys map one to one.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Dict, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F

@@ -64,10 +64,12 @@ def safe_load(path: Union[str, "os.PathLike[str]"]) -> Any:
         msg = str(exc)
         m = re.search(r"(?:Unsupported global|GLOBAL)[:\s]*(?:GLOBAL\s+)?([\w.]+)", msg)
         what = f"the class or function {m.group(1)!r}" if m else "an object that is not allow-listed"
+        detail = next((ln.strip() for ln in msg.splitlines() if "WeightsUnpickler error" in ln),
+                      msg.splitlines()[0] if msg else "")
         raise CheckpointError(
             f"refusing to load {path}: it needs {what}, which is not on the allow-list (only tensors, "
             f"plain containers and argparse.Namespace are accepted; nothing is unpickled with "
-            f"weights_only=False). Re-save the checkpoint with plain types. Details: {msg.splitlines()[0]}"
+            f"weights_only=False). Re-save the checkpoint with plain types. ({detail})"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None

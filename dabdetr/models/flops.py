@@ -3,8 +3,8 @@
 ``torch.utils.flop_counter`` counts 2 FLOPs per multiply-add; the DAB-DETR paper (like DETR, via
 fvcore) counts a multiply-add as one. :func:`count` reports both (``flops`` and ``macs``).
 
-By default the model is built and run on the ``meta`` device (no memory, no compute), where
-``scaled_dot_product_attention`` decomposes into counted matmuls. The fused ops
+By default the model is built on the CPU and run on fake inputs (``FakeTensorMode``: no activation
+memory, no compute); ``device="cpu"`` runs it for real. The fused ops
 ``torch.ops.dabdetr.*`` get flop formulas here (registered once, only when the extension is loaded),
 as does PyTorch's CPU flash-attention kernel when this PyTorch has none for it, so counting on real
 CPU tensors with a fused backend gives the same numbers.
@@ -31,9 +31,6 @@ PAPER_GFLOPS = {"r50": 94, "r50_3pat": 100, "r50_dc5": 202, "r50_dc5_3pat": 216,
 PAPER_PARAMS_M = {"r50": 44, "r50_3pat": 44, "r50_dc5": 44, "r50_dc5_3pat": 44, "r101": 63, "r101_3pat": 63,
                   "r101_dc5": 63, "r101_dc5_3pat": 63}
 
-_REGISTERED = False
-
-
 def attention_flops(q_content_shape, q_pos_shape, value_shape, k_len: int, backward: bool = False) -> int:
     """FLOPs (2 per multiply-add) of the split attention: ``q·kᵀ`` over Dc+Dp and ``p·v`` over Dv;
     the backward recomputes ``q·kᵀ`` and does ``dV, dP`` (Dv) and ``dQ, dK`` (Dc+Dp)."""
@@ -46,44 +43,43 @@ def attention_flops(q_content_shape, q_pos_shape, value_shape, k_len: int, backw
     return base * ((Dc + Dp) + Dv)
 
 
+def _op(name: str):
+    try:
+        return getattr(torch.ops.dabdetr, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def register_flop_formulas() -> None:
-    """Register flop formulas for ``torch.ops.dabdetr.content_position_attention`` (+ backward) and,
-    if this PyTorch lacks one, for ``aten._scaled_dot_product_flash_attention_for_cpu``. Idempotent;
-    does nothing for ops that are not loaded."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    _REGISTERED = True
+    """Register flop formulas for the fused attention ops (``torch.ops.dabdetr.
+    content_position_attention`` and its Triton twin ``content_position_attention_triton``, with
+    their backward ops) and, if this PyTorch lacks one, for
+    ``aten._scaled_dot_product_flash_attention_for_cpu``. Idempotent (call it again after more ops
+    were loaded); ops that are not loaded are skipped. The sine ops are element-wise (no matmul)
+    and, like every element-wise op in ``torch.utils.flop_counter``, count 0."""
     from torch.utils import flop_counter as fc
 
     def reg(target, fn):
+        if target is None or target in fc.flop_registry:
+            return
         try:
             fc.register_flop_formula(target)(fn)
-        except Exception:  # pragma: no cover - already registered / unsupported target
+        except Exception:  # pragma: no cover - unsupported target in this PyTorch
             pass
 
-    ns = getattr(torch.ops, "dabdetr", None)
-    try:
-        fwd = ns.content_position_attention if ns is not None else None
-    except (AttributeError, RuntimeError):
-        fwd = None
-    if fwd is not None and fwd not in fc.flop_registry:
-        def cpa_flop(q_content, q_pos, k_content, k_pos, value, *args, out_shape=None, **kwargs) -> int:
-            return attention_flops(q_content, q_pos, value, k_content[1])
+    def cpa_flop(q_content, q_pos, k_content, k_pos, value, *args, out_shape=None, **kwargs) -> int:
+        return attention_flops(q_content, q_pos, value, k_content[1])
 
-        reg(fwd, cpa_flop)
-    try:
-        bwd = ns.content_position_attention_backward if ns is not None else None
-    except (AttributeError, RuntimeError):
-        bwd = None
-    if bwd is not None and bwd not in fc.flop_registry:
-        def cpa_bwd_flop(grad_out, q_content, q_pos, k_content, k_pos, value, *args, out_shape=None, **kwargs) -> int:
-            return attention_flops(q_content, q_pos, value, k_content[1], backward=True)
+    def cpa_bwd_flop(grad_out, q_content, q_pos, k_content, k_pos, value, *args, out_shape=None, **kwargs) -> int:
+        return attention_flops(q_content, q_pos, value, k_content[1], backward=True)
 
-        reg(bwd, cpa_bwd_flop)
+    for suffix in ("", "_triton"):
+        reg(_op(f"content_position_attention{suffix}"), cpa_flop)
+        reg(_op(f"content_position_attention_backward{suffix}"), cpa_bwd_flop)
+
     # PyTorch's CPU SDPA kernel has no formula in some versions (then SDPA on CPU counts 0).
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_sdpa is not None and cpu_sdpa not in fc.flop_registry and cpu_sdpa.default not in fc.flop_registry:
+    if cpu_sdpa is not None and cpu_sdpa.default not in fc.flop_registry:
         def sdpa_cpu_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
             B, H, Nq, D = query
             return 2 * B * H * Nq * key[-2] * (D + value[-1])
@@ -92,7 +88,7 @@ def register_flop_formulas() -> None:
 
 
 def count(preset: Union[str, DABDETRConfig] = "r50", size: Tuple[int, int] = (800, 1333), batch: int = 1,
-          backend: Optional[str] = "torch", device: Union[str, torch.device] = "meta",
+          backend: Optional[str] = "torch", device: str = "fake",
           by_module: bool = False, **overrides: Any) -> Dict[str, Any]:
     """Parameters and forward FLOPs of one preset at image ``size`` (H, W).
 
@@ -104,16 +100,24 @@ def count(preset: Union[str, DABDETRConfig] = "r50", size: Tuple[int, int] = (80
     register_flop_formulas()
     cfg = get_config(preset, **overrides) if isinstance(preset, str) else preset.replace(**overrides)
     cfg = cfg.replace(backend=backend)
-    device = torch.device(device)
-    with torch.device(device):
+    if device == "fake":
+        # real (CPU) parameters, fake inputs: the forward allocates and computes nothing
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
         model = DABDETR(cfg).eval()
-        images = torch.zeros(batch, 3, *size)
-        mask = torch.zeros(batch, *size, dtype=torch.bool)
+        ctx = FakeTensorMode(allow_non_fake_inputs=True)
+    else:
+        with torch.device(device):
+            model = DABDETR(cfg).eval()
+        ctx = torch.device(device)
     params = sum(p.numel() for p in model.parameters()) + (
         model.refpoint_embed.weight_xy.numel() if cfg.freeze_anchor_xy else 0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    with torch.no_grad(), FlopCounterMode(display=False, depth=2) as counter:
-        model(images, mask)
+    with ctx:
+        images = torch.zeros(batch, 3, *size)
+        mask = torch.zeros(batch, *size, dtype=torch.bool)
+        with FlopCounterMode(display=False, depth=2) as counter:
+            model(images, mask)
     total = counter.get_total_flops()
     out: Dict[str, Any] = {"preset": preset if isinstance(preset, str) else None, "size": tuple(size),
                            "batch": batch, "params": params, "params_trainable": trainable, "flops": total,

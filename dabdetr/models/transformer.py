@@ -17,7 +17,6 @@ Intermediates: pass a dict as ``rec`` and every module appends the tensors the p
 from __future__ import annotations
 
 import copy
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -306,8 +305,10 @@ class TransformerDecoder(nn.Module):
             pos_scale = None if lid == 0 else self.query_scale(output)
             ref_hw_logits = self.ref_anchor_head(output)
             ref_wh = ref_hw_logits.sigmoid()
-            qse = ops.modulated_sine_query(anchors, ref_wh, pos_scale, num_feats=F_, temperature=T,
-                                           backend=self.backend)
+            # one dtype for the op's inputs (under autocast the op itself casts them to the autocast dtype)
+            qse = ops.modulated_sine_query(anchors, ref_wh.to(anchors.dtype),
+                                           None if pos_scale is None else pos_scale.to(anchors.dtype),
+                                           num_feats=F_, temperature=T, backend=self.backend)
             if rec is not None:
                 _put(rec, "dec_query_sine_embed_raw", sine)
                 _put(rec, "dec_query_pos", query_pos)

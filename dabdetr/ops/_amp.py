@@ -8,8 +8,12 @@ import torch
 from torch import Tensor
 
 
+# Device types with an autocast mode (torch.is_autocast_enabled raises for others, e.g. "meta").
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if torch.is_autocast_enabled(device_type):
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

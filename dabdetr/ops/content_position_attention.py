@@ -78,6 +78,10 @@ def content_position_attention(
     _checks.dim_match(_OP, "the number of keys (dim 1)", "value", value.shape[1], "k_content", Nk)
     _checks.dim_match(_OP, "the content head dim (dim 3)", "k_content", k_content.shape[3], "q_content", Dc)
     _checks.dim_match(_OP, "the position head dim (dim 3)", "k_pos", k_pos.shape[3], "q_pos", Dp)
+    # Under autocast every floating input runs in the autocast dtype (mixed inputs are fine).
+    dtype = _amp.autocast_dtype(q_content.device.type)
+    tensors = tuple(_amp.cast(t, dtype) for t in tensors)
+    q_content, q_pos, k_content, k_pos, value = tensors
     _checks.same_dtype_device(_OP, list(zip(names, tensors)))
     if key_padding_mask is not None:
         _checks.tensor(_OP, "key_padding_mask", key_padding_mask, floating=False)
@@ -101,8 +105,6 @@ def content_position_attention(
         raise ValueError(f"{_OP}: 'dropout_p' must be in [0, 1), got {dropout_p}")
     need_weights = bool(need_weights)
 
-    dtype = _amp.autocast_dtype(q_content.device.type)
-    q_content, q_pos, k_content, k_pos, value = (_amp.cast(t, dtype) for t in tensors)
     why = _unsupported(q_content.device, (Dc, Dp, value.shape[-1]), dropout_p, need_weights)
     chosen = _dispatch.resolve("content_position_attention", q_content.device, backend, why)
     if chosen == "torch":

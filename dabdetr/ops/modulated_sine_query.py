@@ -55,11 +55,12 @@ def modulated_sine_query(
         _checks.tensor(_OP, "pos_scale", pos_scale)
         _checks.last_dim(_OP, "pos_scale", pos_scale, 2 * num_feats, " (2 * num_feats)")
         _checks.leading_like(_OP, "pos_scale", pos_scale, "anchors", anchors)
+    # Under autocast every floating input runs in the autocast dtype (mixed inputs are fine).
+    dtype = _amp.autocast_dtype(anchors.device.type)
+    anchors, ref_wh, pos_scale = (_amp.cast(t, dtype) for t in (anchors, ref_wh, pos_scale))
     _checks.same_dtype_device(_OP, [("anchors", anchors), ("ref_wh", ref_wh), ("pos_scale", pos_scale)])
     temps = _checks.temperatures(_OP, temperature, 2)
     scale = _checks.real(_OP, "scale", scale)
-    dtype = _amp.autocast_dtype(anchors.device.type)
-    anchors, ref_wh, pos_scale = (_amp.cast(t, dtype) for t in (anchors, ref_wh, pos_scale))
     chosen = _dispatch.resolve("modulated_sine_query", anchors.device, backend)
     if chosen == "torch":
         return reference.modulated_sine_query(anchors, ref_wh, pos_scale, num_feats, temps, scale)

@@ -1,0 +1,271 @@
+"""Model behaviour beyond the fixture: fused backends vs the reference through training steps,
+a real ``freeze_anchor_xy``, patterns, random anchors, other widths/class counts, autocast,
+torch.compile, parameter and FLOP counts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest_model import MODEL_BACKENDS, model_backends, small_batch, small_config
+from dabdetr.models import DABDETR, PRESETS, get_config
+from dabdetr.models.backbone import Backbone, load_torchvision_resnet_weights, resnet
+from dabdetr.models import flops as flops_mod
+from dabdetr.models.box_ops import inverse_sigmoid
+
+FUSED = [p for p in model_backends() if p.values[0] != "torch"]
+
+
+def _train_steps(model, images, targets, opt, steps):
+    crit = model.build_criterion()
+    losses = []
+    for _ in range(steps):
+        out = model(images)
+        ld = crit(out, targets)
+        loss = crit.total(ld)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append({k: v.detach().clone() for k, v in ld.items() if k in crit.weight_dict} | {"total": loss.detach()})
+    return losses
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backend_matches_reference_through_sgd_steps(backend, gen):
+    torch.manual_seed(gen.initial_seed() % 2**31)
+    ref = DABDETR(small_config(), backend="torch").train()
+    fused = copy.deepcopy(ref)
+    fused.set_backend(backend)
+    images, targets = small_batch(gen)
+    steps = 4
+    opt_r = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    opt_f = torch.optim.SGD([p for p in fused.parameters() if p.requires_grad], lr=1e-2)
+    lr_ = _train_steps(ref, images, targets, opt_r, steps)
+    lf = _train_steps(fused, images, targets, opt_f, steps)
+    for i, (a, b) in enumerate(zip(lr_, lf)):
+        for k in a:
+            rel = abs(a[k].item() - b[k].item()) / max(abs(a[k].item()), 1e-8)
+            assert rel <= 1e-4, f"step {i} {k}: {a[k].item()} vs {b[k].item()}"
+    pr, pf = dict(ref.named_parameters()), dict(fused.named_parameters())
+    moved = 0
+    for n, p in pr.items():
+        scale = max(p.abs().max().item(), 1e-3)
+        diff = (p - pf[n]).abs().max().item()
+        assert diff <= 1e-4 * scale, f"{n}: params differ by {diff:.2e} after {steps} steps"
+    # the steps did change the parameters
+    init = DABDETR(small_config(), backend="torch")
+    assert any(not torch.equal(p, q) for p, q in zip(pr.values(), init.parameters()))
+
+
+def test_freeze_anchor_xy_bitwise_under_adamw_weight_decay(gen):
+    torch.manual_seed(gen.initial_seed() % 2**31)
+    model = DABDETR(small_config(freeze_anchor_xy=True, random_refpoints_xy=True), backend="torch").train()
+    before = model.refpoint_embed().detach().clone()
+    names = [n for n, _ in model.named_parameters()]
+    assert "refpoint_embed.weight_wh" in names and not any(n.endswith("weight_xy") for n in names)
+    opt = torch.optim.AdamW(model.param_groups(lr=1e-2, lr_backbone=1e-3, weight_decay=0.5))
+    images, targets = small_batch(gen)
+    _train_steps(model, images, targets, opt, 3)
+    after = model.refpoint_embed().detach()
+    assert torch.equal(after[:, :2], before[:, :2]), "x,y anchors changed"
+    assert not torch.equal(after[:, 2:], before[:, 2:]), "w,h anchors did not train"
+    # the state dict keeps the original single key and round-trips
+    sd = model.state_dict()
+    assert "refpoint_embed.weight" in sd and sd["refpoint_embed.weight"].shape == (12, 4)
+    other = DABDETR(small_config(freeze_anchor_xy=True))
+    other.load_state_dict(sd)
+    assert torch.equal(other.refpoint_embed(), after)
+    plain = DABDETR(small_config())
+    plain.load_state_dict(sd)  # frozen and unfrozen models share the format
+    assert torch.equal(plain.refpoint_embed.weight, after)
+
+
+def test_without_freeze_xy_columns_train():
+    torch.manual_seed(0)
+    model = DABDETR(small_config(random_refpoints_xy=True), backend="torch").train()
+    gen = torch.Generator().manual_seed(0)
+    images, targets = small_batch(gen)
+    before = model.refpoint_embed.weight.detach().clone()
+    opt = torch.optim.AdamW(model.param_groups(1e-2, 1e-3, 1e-4))
+    _train_steps(model, images, targets, opt, 1)
+    assert not torch.equal(model.refpoint_embed.weight[:, :2], before[:, :2])
+
+
+def test_random_refpoints_xy_init():
+    torch.manual_seed(0)
+    m = DABDETR(small_config(num_queries=400, random_refpoints_xy=True))
+    xy = m.refpoint_embed.weight[:, :2].detach()
+    p = xy.sigmoid()
+    assert xy.abs().max() <= inverse_sigmoid(torch.tensor(0.0)).abs() + 1e-4  # clamped at eps 1e-3
+    assert 0.4 < p.mean() < 0.6 and p.min() < 0.05 and p.max() > 0.95  # ~U(0,1) after sigmoid
+
+
+def test_patterns_query_order_and_shapes(gen):
+    torch.manual_seed(0)
+    model = DABDETR(small_config(num_patterns=3), backend="torch").eval()
+    images, _ = small_batch(gen)
+    inter = {}
+    with torch.no_grad():
+        out = model(images, intermediates=inter)
+    nq = 12
+    assert out["pred_logits"].shape == (2, 3 * nq, 7) and out["pred_boxes"].shape == (2, 3 * nq, 4)
+    refs = inter["references"][0]  # initial anchors [B, 3*nq, 4]: pattern-major (query p*nq + a has anchor a)
+    anchors = model.refpoint_embed.weight.sigmoid()
+    for p in range(3):
+        torch.testing.assert_close(refs[:, p * nq:(p + 1) * nq], anchors[None].expand(2, -1, -1))
+    # the initial content of query p*nq + a is pattern p: layer-0 inputs differ across patterns
+    layer_in = inter["dec_layer_in"][0]
+    for p in range(3):
+        torch.testing.assert_close(layer_in[:, p * nq:(p + 1) * nq],
+                                   model.transformer.patterns.weight[p].expand(2, nq, -1))
+
+
+@pytest.mark.parametrize("hidden,heads,classes", [(64, 4, 7), (96, 8, 3), (256, 8, 91)])
+def test_any_width_and_class_count(hidden, heads, classes, gen):
+    cfg = small_config(hidden_dim=hidden, nheads=heads, num_classes=classes, dec_layers=3)
+    model = DABDETR(cfg, backend="torch").train()
+    images, targets = small_batch(gen, num_classes=classes)
+    out = model(images)
+    assert out["pred_logits"].shape == (2, 12, classes)
+    assert len(out["aux_outputs"]) == 2
+    crit = model.build_criterion()
+    loss = crit.total(crit(out, targets))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.transformer.encoder.query_scale.layers[0].weight.shape == (hidden, hidden)
+    assert model.transformer.decoder.ref_point_head.layers[0].weight.shape == (hidden, 2 * hidden)
+    # focal prior bias
+    torch.testing.assert_close(DABDETR(cfg).class_embed.bias, torch.full((classes,), -4.59511985013459))
+
+
+def test_autocast_keeps_boxes_and_losses_float32(gen):
+    model = DABDETR(small_config(), backend="torch").train()
+    images, targets = small_batch(gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+        crit = model.build_criterion()
+        losses = crit(out, targets)
+        loss = crit.total(losses)
+    assert out["pred_logits"].dtype == torch.bfloat16
+    assert out["pred_boxes"].dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_torch_compile_fullgraph(backend, gen):
+    model = DABDETR(small_config(), backend=backend).eval()
+    images, _ = small_batch(gen)
+    from dabdetr.models import nested_pad
+
+    x, mask = nested_pad(images)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        a, b = compiled(x, mask), model(x, mask)
+    torch.testing.assert_close(a["pred_logits"], b["pred_logits"])
+    torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"])
+
+
+def test_postprocess_pixels_and_topk():
+    out = {"pred_logits": torch.full((1, 3, 4), -10.0), "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.4]] * 3])}
+    out["pred_logits"][0, 2, 1] = 3.0
+    out["pred_logits"][0, 0, 3] = 1.0
+    from dabdetr.models import postprocess
+
+    r = postprocess(out, torch.tensor([[100, 200]]), num_select=2)[0]
+    assert r["labels"].tolist() == [1, 3]
+    torch.testing.assert_close(r["scores"], torch.tensor([3.0, 1.0]).sigmoid())
+    torch.testing.assert_close(r["boxes"][0], torch.tensor([80.0, 30.0, 120.0, 70.0]))
+
+
+def test_r50_parameter_count():
+    with torch.device("meta"):
+        model = DABDETR(get_config("r50"))
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - 44e6) <= 0.01 * 44e6, n
+    assert abs(n - 43.67e6) < 0.01e6, n  # the reference build of the original: 43.67M
+    for name, millions in [("r50_3pat", 44), ("r101", 63)]:
+        with torch.device("meta"):
+            m = DABDETR(get_config(name))
+        assert abs(sum(p.numel() for p in m.parameters()) - millions * 1e6) <= 0.01 * millions * 1e6
+
+
+def test_flop_count_tiny_config():
+    cfg = small_config(num_queries=10)
+    r = flops_mod.count(cfg, (64, 96))
+    assert r["params"] == sum(p.numel() for p in DABDETR(cfg).parameters())
+    assert r["macs"] * 2 == r["flops"] > 0
+    # the transformer's matmuls are all counted: recompute them by hand (B=1, HW=2*3=6 tokens at stride 32)
+    d, F, Q, HW, L, Le = 64, 96, 10, 6, 2, 1
+    enc = Le * (2 * HW * d * d * 3 + 2 * HW * d * d + 2 * HW * d * F * 2 + 2 * 2 * HW * HW * d + 2 * HW * d * d * 2)
+    dec_layer = (2 * Q * d * d * 6 + 2 * 2 * Q * Q * d  # self-attention projections + out + SDPA
+                 + 2 * Q * d * d * 2 + 2 * HW * d * d * 3  # ca q_content, q_pos_sine; k_content, v, k_pos
+                 + 2 * Q * HW * (2 * d + d)  # split attention: q.k over 2d, p.v over d
+                 + 2 * Q * d * d + 2 * Q * d * F * 2  # out_proj, FFN
+                 + 2 * Q * (2 * d * d + d * d) + 2 * Q * (d * d + d * 2)  # ref_point_head, ref_anchor_head
+                 + 2 * Q * (d * d * 2 + d * 4))  # bbox_embed in the loop
+    dec = L * dec_layer + (L - 1) * 2 * Q * d * d * 2 + 2 * Q * d * d  # query_scale (l>=1); ca_qpos_proj (layer 0)
+    heads = L * (2 * Q * d * 7 + 2 * Q * (d * d * 2 + d * 4))
+    by = flops_mod.count(cfg, (64, 96), by_module=True)["by_module"]
+    assert by["DABDETR.transformer"] == enc + dec, (by["DABDETR.transformer"], enc + dec)
+    assert r["flops"] - by["DABDETR.transformer"] - by["DABDETR.backbone"] - by["DABDETR.input_proj"] == heads
+    # real CPU tensors count the same (CPU SDPA kernel formula), and so do the fused ops when built
+    assert flops_mod.count(cfg, (64, 96), device="cpu")["flops"] == r["flops"]
+    for p in FUSED:
+        if not p.marks:
+            assert flops_mod.count(cfg, (64, 96), backend=p.values[0], device="cpu")["flops"] == r["flops"]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build(name):
+    with torch.device("meta"):
+        m = DABDETR(get_config(name))
+    n = sum(p.numel() for p in m.parameters()) + sum(b.numel() for k, b in m.named_buffers() if "refpoint" in k)
+    paper = flops_mod.PAPER_PARAMS_M.get(name)
+    if paper is not None:
+        assert abs(n - paper * 1e6) <= 0.015 * paper * 1e6, (name, n)
+    cfg = m.config
+    assert m.backbone.stride == (16 if cfg.dilation else 32)
+    if name == "r50_dc5_fixxy":
+        assert cfg.random_refpoints_xy and cfg.freeze_anchor_xy
+
+
+def test_dc5_backbone_structure():
+    body = resnet("resnet50", dilation=True)
+    x = torch.zeros(1, 3, 64, 64)
+    assert body(x).shape == (1, 2048, 4, 4)  # stride 16
+    l4 = body.layer4
+    assert l4[0].conv2.stride == (1, 1) and l4[0].conv2.dilation == (1, 1)
+    assert all(b.conv2.dilation == (2, 2) and b.conv2.padding == (2, 2) for b in l4[1:])
+    assert l4[0].downsample[0].stride == (1, 1)
+    with pytest.raises(ValueError, match="BasicBlock"):
+        resnet("resnet18", dilation=True)
+
+
+def test_backbone_trainable_rule_and_torchvision_names():
+    bb = Backbone("resnet18", train_backbone=True)
+    trainable = {n.split(".")[0] for n, p in bb.body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+    assert not any(p.requires_grad for p in Backbone("resnet18", train_backbone=False).parameters())
+    # a torchvision state dict (with fc and num_batches_tracked) loads into the body
+    src = resnet("resnet18")
+    tv = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    for k in [k for k in tv if k.endswith("running_var")]:
+        tv[k] = tv[k].abs() + 0.5
+        tv[k.replace("running_var", "num_batches_tracked")] = torch.tensor(7)
+    tv["fc.weight"], tv["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    load_torchvision_resnet_weights(bb.body, tv)
+    assert torch.equal(bb.body.layer3[1].bn2.running_var, tv["layer3.1.bn2.running_var"])
+    assert torch.equal(bb.body.conv1.weight, tv["conv1.weight"])
+
+
+def test_tiny_preset_overfits_a_batch(gen):
+    torch.manual_seed(gen.initial_seed() % 2**31)
+    model = DABDETR(get_config("tiny", num_classes=5), backend="torch").train()
+    images, targets = small_batch(gen, sizes=((48, 64), (48, 56)), num_classes=5)
+    opt = torch.optim.AdamW(model.param_groups(1e-3, 1e-3, 1e-4))
+    losses = [l["total"].item() for l in _train_steps(model, images, targets, opt, 6)]
+    assert losses[-1] < 0.9 * losses[0], losses
