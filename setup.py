@@ -68,6 +68,7 @@ def _extensions():
         "-O3",
         "--expt-relaxed-constexpr",
         "-lineinfo",
+        "-Xptxas=-warn-spills",  # a register spill shows as a warning in every build log
     ] + (["-Xptxas", "-v"] if os.environ.get("DABDETR_PTXAS_VERBOSE") == "1" else [])
     kwargs["extra_compile_args"]["cxx"].append("-DDABDETR_WITH_CUDA")
     return [CUDAExtension("dabdetr._C", sources + _rel(cu_sources), **kwargs)]

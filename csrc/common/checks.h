@@ -63,19 +63,41 @@ struct RowIndexer {
   }
 };
 
-// Returns a tensor equal to `t` whose last dim is contiguous and whose leading dims fit a
-// RowIndexer (a copy only when needed), and fills `idx`.
+// Returns a tensor equal to `t` whose last dim is contiguous (a copy only when it is not), and fills
+// `idx` with its leading dims, merged where they are contiguous with each other (a contiguous tensor
+// has a single leading dim); more than kMaxRowDims unmergeable dims also cost a copy.
 inline at::Tensor make_row_indexer(const at::Tensor& t, RowIndexer& idx) {
   at::Tensor u = t;
-  if (u.dim() == 0 || u.stride(-1) != 1 || u.dim() - 1 > kMaxRowDims) {
+  if (u.dim() == 0 || (u.size(-1) != 1 && u.stride(-1) != 1)) {
     u = u.contiguous();
   }
-  idx.ndim = static_cast<int>(u.dim() - 1);
-  for (int d = 0; d < idx.ndim; ++d) {
-    idx.sizes[d] = u.size(d);
-    idx.strides[d] = u.stride(d);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    int64_t sizes[64];
+    int64_t strides[64];
+    int n = 0;
+    for (int64_t d = 0; d + 1 < u.dim(); ++d) {
+      if (u.size(d) == 1) continue;  // size-1 dims never move the offset
+      if (n > 0 && strides[n - 1] == u.stride(d) * u.size(d)) {
+        sizes[n - 1] *= u.size(d);  // merge with the previous dim
+        strides[n - 1] = u.stride(d);
+      } else {
+        sizes[n] = u.size(d);
+        strides[n] = u.stride(d);
+        ++n;
+      }
+      if (n > kMaxRowDims) break;
+    }
+    if (n <= kMaxRowDims) {
+      idx.ndim = n;
+      for (int d = 0; d < n; ++d) {
+        idx.sizes[d] = sizes[d];
+        idx.strides[d] = strides[d];
+      }
+      return u;
+    }
+    u = u.contiguous();
   }
-  return u;
+  TORCH_CHECK(false, "dabdetr: internal error: could not index the rows of a tensor of shape ", t.sizes());
 }
 
 }  // namespace dabdetr
