@@ -42,6 +42,7 @@
 #include <limits>
 #include <new>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "attention_checks.h"
@@ -332,6 +333,11 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q_content, cons
     Scratch<T> qbuf(Nqp * ldq), dobuf(Nqp * ldv), lbuf(Nqp), delta(Nqp), dqacc(Nqp * ldq);
     Scratch<T> kpan(KB * D), krows(KB * ldq), vpan(KB * Dv), dkacc(KB * ldq), dvacc(KB * ldv);
     Scratch<T> pbuf(QB * KB), dsbuf(QB * KB);
+    // Float32 recomputation of the output (half types only, see delta below).
+    constexpr bool kRecomputeOut = !std::is_same_v<scalar_t, T>;
+    const int64_t KF = round_up(kFwdKeyTile, NR);
+    Scratch<T> ofull(kRecomputeOut ? Nqp * ldv : 0), mfull(kRecomputeOut ? Nqp : 0), lfull(kRecomputeOut ? Nqp : 0);
+    Scratch<T> fpan(kRecomputeOut ? KF * D : 0), frows(kRecomputeOut ? KF * ldv : 0), fscr(kRecomputeOut ? MR * KF : 0);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t b = it % B, h = (it / B) % H, c = it / BH;
       const int64_t nk = keys.size(b);
@@ -342,15 +348,43 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q_content, cons
       if (ka < kb) {
         pack_rows2<scalar_t, T>(qc, Dc, &qp, Dp, b, h, 0, Nq, Nqp, ldq, sc, qbuf.data());
         pack_rows2<scalar_t, T>(go, Dv, nullptr, 0, b, h, 0, Nq, Nqp, ldv, T(1), dobuf.data());
+        // delta = rowsum(dO * O). For float16/bfloat16 the saved output was rounded to the input
+        // dtype, which would put an error of eps_half * |delta| into every dS = P (dP - delta) and
+        // ruin gradients that cancel; so O is recomputed in float32 (one forward pass) instead.
+        const T* o_acc = nullptr;
+        if constexpr (!std::is_same_v<scalar_t, T>) {
+          std::fill(ofull.data(), ofull.data() + Nqp * ldv, T(0));
+          std::fill(mfull.data(), mfull.data() + Nqp, -inf);
+          std::fill(lfull.data(), lfull.data() + Nqp, T(0));
+          for (int64_t f0 = 0; f0 < nk; f0 += KF) {
+            const int64_t fn = std::min(KF, nk - f0), fpad = round_up(fn, NR);
+            pack_panels<scalar_t, T>(kc, Dc, &kp, Dp, keys, b, h, f0, fn, fpad, NR, fpan.data());
+            pack_key_rows<scalar_t, T>(vv, Dv, nullptr, 0, keys, b, h, f0, fn, fpad, ldv, frows.data());
+            attn::FwdTileArgs<T> fa{qbuf.data(), ldq, Nqp, D, fpan.data(), frows.data(), ldv, fn, fpad,
+                                    ofull.data(), mfull.data(), lfull.data(), fscr.data()};
+            Kernels<T>::fwd(ks, fa);
+          }
+          for (int64_t r = 0; r < Nqp; ++r) {
+            const T inv = lfull.data()[r] > T(0) ? T(1) / lfull.data()[r] : T(0);
+            T* o = ofull.data() + r * ldv;
+            for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
+          }
+          o_acc = ofull.data();
+        }
         for (int64_t r = 0; r < Nqp; ++r) {
           if (r < Nq) {
             const T l = lse_p[(b * H + h) * Nq + r];
             // A row without keys (lse = -inf) has zero probabilities: p = exp(s - (+inf)) = 0.
             lbuf.data()[r] = l == -inf ? inf : l;
             const T* g = dobuf.data() + r * ldv;
-            const scalar_t* o = oo.row(b, r, h);
             T acc = 0;
-            for (int64_t d = 0; d < Dv; ++d) acc += g[d] * static_cast<T>(o[d]);
+            if (o_acc != nullptr) {
+              const T* o = o_acc + r * ldv;
+              for (int64_t d = 0; d < Dv; ++d) acc += g[d] * o[d];
+            } else {
+              const scalar_t* o = oo.row(b, r, h);
+              for (int64_t d = 0; d < Dv; ++d) acc += g[d] * static_cast<T>(o[d]);
+            }
             delta.data()[r] = acc;
           } else {
             lbuf.data()[r] = inf;
