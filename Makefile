@@ -24,8 +24,13 @@ demo: setup
 	$(PYTHON) -m dabdetr.demo
 	$(PYTHON) benchmarks/bench_ops.py
 
+# The whole suite, then the Triton kernels under the interpreter (a separate process: with
+# TRITON_INTERPRET=1 the shared op tests would also run Triton on CPU tensors), then every Triton
+# kernel compiled to cubin for sm_80 and sm_90 (registers / shared memory report).
 test: setup
 	$(PYTHON) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_triton.py
+	$(PYTHON) benchmarks/triton_compile_report.py
 
 bench: setup
 	$(PYTHON) benchmarks/bench_ops.py

@@ -11,6 +11,10 @@ from .content_position_attention import content_position_attention
 from .modulated_sine_query import modulated_sine_query
 from .sine_embed import sine_embed
 
+# Registers the Triton backend when it can run here (a CUDA device, or TRITON_INTERPRET=1); never
+# raises (without Triton the backend is reported unavailable, with the reason).
+from .. import kernels as _kernels  # noqa: F401,E402
+
 __all__ = [
     "sine_embed",
     "modulated_sine_query",

@@ -60,8 +60,11 @@ def _triton_can_run(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _why_missing(backend: str, op: str, device: torch.device) -> Optional[str]:
-    """None if ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+def _why_missing(
+    backend: str, op: str, device: torch.device, dtype: Optional[torch.dtype] = None
+) -> Optional[str]:
+    """None if ``backend`` can run ``op`` on ``device`` (with inputs of ``dtype``, when given),
+    else the reason it cannot."""
     if backend == "torch":
         return None
     if backend in ("cpu", "cuda"):
@@ -92,12 +95,20 @@ def _why_missing(backend: str, op: str, device: torch.device) -> Optional[str]:
                 f"Triton kernels run on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), "
                 f"got tensors on {device}"
             )
+        if dtype == torch.float64:
+            return "the Triton kernels take float32, float16 and bfloat16, not float64 (use 'cuda' or 'torch')"
         return None
     raise BackendError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
 
 
-def resolve(op: str, device: torch.device, backend: Optional[str], unsupported: Optional[str] = None) -> str:
-    """Pick the backend that runs ``op`` on ``device``.
+def resolve(
+    op: str,
+    device: torch.device,
+    backend: Optional[str],
+    unsupported: Optional[str] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> str:
+    """Pick the backend that runs ``op`` on ``device`` for inputs of ``dtype``.
 
     ``unsupported``: why no fused kernel can serve this particular call (e.g. ``dropout_p > 0``),
     or None. Automatic choice then falls back to the reference; an explicit fused backend raises.
@@ -106,7 +117,7 @@ def resolve(op: str, device: torch.device, backend: Optional[str], unsupported: 
     if explicit is not None:
         if explicit not in BACKENDS:
             raise BackendError(f"unknown backend {explicit!r}; expected one of {BACKENDS} or None")
-        reason = _why_missing(explicit, op, device)
+        reason = _why_missing(explicit, op, device, dtype)
         if reason is None and explicit != "torch" and unsupported is not None:
             reason = unsupported
         if reason is not None:
@@ -117,7 +128,7 @@ def resolve(op: str, device: torch.device, backend: Optional[str], unsupported: 
         return "torch"
     order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     for candidate in order:
-        if _why_missing(candidate, op, device) is None:
+        if _why_missing(candidate, op, device, dtype) is None:
             return candidate
     return "torch"
 

@@ -106,7 +106,7 @@ def content_position_attention(
     need_weights = bool(need_weights)
 
     why = _unsupported(q_content.device, (Dc, Dp, value.shape[-1]), dropout_p, need_weights)
-    chosen = _dispatch.resolve("content_position_attention", q_content.device, backend, why)
+    chosen = _dispatch.resolve("content_position_attention", q_content.device, backend, why, q_content.dtype)
     if chosen == "torch":
         out, weights = reference.content_position_attention(
             q_content, q_pos, k_content, k_pos, value, key_padding_mask, scale, dropout_p, need_weights

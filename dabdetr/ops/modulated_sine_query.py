@@ -61,7 +61,7 @@ def modulated_sine_query(
     _checks.same_dtype_device(_OP, [("anchors", anchors), ("ref_wh", ref_wh), ("pos_scale", pos_scale)])
     temps = _checks.temperatures(_OP, temperature, 2)
     scale = _checks.real(_OP, "scale", scale)
-    chosen = _dispatch.resolve("modulated_sine_query", anchors.device, backend)
+    chosen = _dispatch.resolve("modulated_sine_query", anchors.device, backend, None, anchors.dtype)
     if chosen == "torch":
         return reference.modulated_sine_query(anchors, ref_wh, pos_scale, num_feats, temps, scale)
     if chosen == "triton":

@@ -59,7 +59,7 @@ def sine_embed(
     scale = _checks.real(_OP, "scale", scale)
     exchange_xy = bool(exchange_xy)
     coords = _amp.cast(coords, _amp.autocast_dtype(coords.device.type))
-    chosen = _dispatch.resolve("sine_embed", coords.device, backend)
+    chosen = _dispatch.resolve("sine_embed", coords.device, backend, None, coords.dtype)
     if chosen == "torch":
         return reference.sine_embed(coords, num_feats, temps, scale, exchange_xy)
     if chosen == "triton":
