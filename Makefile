@@ -14,8 +14,12 @@ deps:
 # Editable install; rebuilt only when the C++/CUDA sources or the build files change.
 $(STAMP): $(SOURCES)
 	$(MAKE) deps
-	$(PYTHON) -m pip install -q -e . --no-build-isolation
-	@mkdir -p build && touch $(STAMP)
+	@mkdir -p build
+	$(PYTHON) -m pip install -v -e . --no-build-isolation > build/install.log 2>&1 || (tail -60 build/install.log; exit 1)
+	@echo "compiled (full log: build/install.log):"
+	@grep -E '^ *\[[0-9]+/[0-9]+\] ' build/install.log | sed -E 's/^ *(\[[0-9]+\/[0-9]+\]) ([^ ]+) .* -c ([^ ]+) .*/  \1 \2 \3/' || true
+	@$(PYTHON) -c "import dabdetr._ext as e; print('dabdetr._C loaded:', e.LOADED, '| CPU kernels:', e.HAS_CPU_KERNELS, '| CUDA kernels:', e.HAS_CUDA_KERNELS)"
+	@touch $(STAMP)
 
 setup: $(STAMP)
 

@@ -243,6 +243,27 @@ void pack_key_rows(const View4<scalar_t>& xc, int64_t dc, const View4<scalar_t>*
   }
 }
 
+// Flash-attention forward of `rows` packed query rows (scale folded in) of head (b, h) over all of
+// b's unmasked keys: leaves the unnormalized output in o [rows][ldv], the running max in m and the
+// running sum in l (o, m, l are initialized here).
+template <typename scalar_t, typename T>
+void attend_rows(const attn::KernelSet& ks, const T* q, int64_t ldq, int64_t rows, int64_t D,
+                 const View4<scalar_t>& kc, int64_t Dc, const View4<scalar_t>& kp, int64_t Dp,
+                 const View4<scalar_t>& vv, int64_t Dv, int64_t ldv, const KeyList& keys, int64_t b, int64_t h,
+                 int64_t KB, int64_t NR, T* kpan, T* vrows, T* sbuf, T* o, T* m, T* l) {
+  std::fill(o, o + rows * ldv, T(0));
+  std::fill(m, m + rows, -std::numeric_limits<T>::infinity());
+  std::fill(l, l + rows, T(0));
+  const int64_t nk = keys.size(b);
+  for (int64_t k0 = 0; k0 < nk; k0 += KB) {
+    const int64_t kn = std::min(KB, nk - k0), kpad = round_up(kn, NR);
+    pack_panels<scalar_t, T>(kc, Dc, &kp, Dp, keys, b, h, k0, kn, kpad, NR, kpan);
+    pack_key_rows<scalar_t, T>(vv, Dv, nullptr, 0, keys, b, h, k0, kn, kpad, ldv, vrows);
+    attn::FwdTileArgs<T> a{q, ldq, rows, D, kpan, vrows, ldv, kn, kpad, o, m, l, sbuf};
+    Kernels<T>::fwd(ks, a);
+  }
+}
+
 template <typename scalar_t>
 void forward_impl(const at::Tensor& q_content, const at::Tensor& q_pos, const at::Tensor& k_content,
                   const at::Tensor& k_pos, const at::Tensor& value, const KeyList& keys, const AttentionSizes& s,
@@ -280,17 +301,8 @@ void forward_impl(const at::Tensor& q_content, const at::Tensor& q_pos, const at
         continue;
       }
       pack_rows2<scalar_t, T>(qc, Dc, &qp, Dp, b, h, q0, qn, rows, ldq, sc, qbuf.data());
-      std::fill(obuf.data(), obuf.data() + rows * ldv, T(0));
-      std::fill(mbuf.data(), mbuf.data() + rows, ninf);
-      std::fill(lbuf.data(), lbuf.data() + rows, T(0));
-      for (int64_t k0 = 0; k0 < nk; k0 += KB) {
-        const int64_t kn = std::min(KB, nk - k0), kpad = round_up(kn, NR);
-        pack_panels<scalar_t, T>(kc, Dc, &kp, Dp, keys, b, h, k0, kn, kpad, NR, kpan.data());
-        pack_key_rows<scalar_t, T>(vv, Dv, nullptr, 0, keys, b, h, k0, kn, kpad, ldv, vrows.data());
-        attn::FwdTileArgs<T> a{qbuf.data(), ldq, rows, D, kpan.data(), vrows.data(), ldv, kn, kpad,
-                               obuf.data(), mbuf.data(), lbuf.data(), sbuf.data()};
-        Kernels<T>::fwd(ks, a);
-      }
+      attend_rows<scalar_t, T>(ks, qbuf.data(), ldq, rows, D, kc, Dc, kp, Dp, vv, Dv, ldv, keys, b, h, KB, NR,
+                               kpan.data(), vrows.data(), sbuf.data(), obuf.data(), mbuf.data(), lbuf.data());
       for (int64_t r = 0; r < qn; ++r) {
         const T l = lbuf.data()[r];
         const T inv = T(1) / l;
@@ -353,17 +365,8 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q_content, cons
         // ruin gradients that cancel; so O is recomputed in float32 (one forward pass) instead.
         const T* o_acc = nullptr;
         if constexpr (!std::is_same_v<scalar_t, T>) {
-          std::fill(ofull.data(), ofull.data() + Nqp * ldv, T(0));
-          std::fill(mfull.data(), mfull.data() + Nqp, -inf);
-          std::fill(lfull.data(), lfull.data() + Nqp, T(0));
-          for (int64_t f0 = 0; f0 < nk; f0 += KF) {
-            const int64_t fn = std::min(KF, nk - f0), fpad = round_up(fn, NR);
-            pack_panels<scalar_t, T>(kc, Dc, &kp, Dp, keys, b, h, f0, fn, fpad, NR, fpan.data());
-            pack_key_rows<scalar_t, T>(vv, Dv, nullptr, 0, keys, b, h, f0, fn, fpad, ldv, frows.data());
-            attn::FwdTileArgs<T> fa{qbuf.data(), ldq, Nqp, D, fpan.data(), frows.data(), ldv, fn, fpad,
-                                    ofull.data(), mfull.data(), lfull.data(), fscr.data()};
-            Kernels<T>::fwd(ks, fa);
-          }
+          attend_rows<scalar_t, T>(ks, qbuf.data(), ldq, Nqp, D, kc, Dc, kp, Dp, vv, Dv, ldv, keys, b, h, KF, NR,
+                                   fpan.data(), frows.data(), fscr.data(), ofull.data(), mfull.data(), lfull.data());
           for (int64_t r = 0; r < Nqp; ++r) {
             const T inv = lfull.data()[r] > T(0) ? T(1) / lfull.data()[r] : T(0);
             T* o = ofull.data() + r * ldv;
