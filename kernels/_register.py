@@ -57,43 +57,20 @@ def _define(name: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd: the setup_context functions of the C++ ops (same inputs, same saved tensors), with
-# backward formulas that call the Triton backward ops (same results as the C++ backward ops).
-
-
-def _backward_sine_embed(ctx, grad):
-    (coords,) = ctx.saved_tensors
-    g = torch.ops.dabdetr.sine_embed_backward_triton(grad, coords, *ctx.args)
-    return g, None, None, None, None
-
-
-def _backward_msq(ctx, grad):
-    anchors, ref_wh, pos_scale = ctx.saved_tensors
-    ga, gr, gp = torch.ops.dabdetr.modulated_sine_query_backward_triton(grad, anchors, ref_wh, pos_scale, *ctx.args)
-    return (
-        ga if ctx.needs_input_grad[0] else None,
-        gr if ref_wh is not None and ctx.needs_input_grad[1] else None,
-        gp if pos_scale is not None and ctx.needs_input_grad[2] else None,
-        None,
-        None,
-        None,
-    )
-
-
-def _backward_cpa(ctx, grad_out, grad_lse):
-    # The logsumexp output is auxiliary (for the backward) and not differentiable.
-    q_content, q_pos, k_content, k_pos, value, mask, out, lse = ctx.saved_tensors
-    grads = torch.ops.dabdetr.content_position_attention_backward_triton(
-        grad_out, q_content, q_pos, k_content, k_pos, value, mask, out, lse, ctx.scale
-    )
-    grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5]))
-    return (*grads, None, None)
+# autograd: the setup_context functions and backward formulas of the C++ ops (same inputs, same
+# saved tensors), the backward calling the Triton backward ops (same results as the C++ ones).
 
 
 _AUTOGRAD = {
-    "sine_embed_triton": (_backward_sine_embed, _library._setup_sine_embed),
-    "modulated_sine_query_triton": (_backward_msq, _library._setup_msq),
-    "content_position_attention_triton": (_backward_cpa, _library._setup_cpa),
+    "sine_embed_triton": (_library.backward_sine_embed("sine_embed_backward_triton"), _library._setup_sine_embed),
+    "modulated_sine_query_triton": (
+        _library.backward_msq("modulated_sine_query_backward_triton"),
+        _library._setup_msq,
+    ),
+    "content_position_attention_triton": (
+        _library.backward_cpa("content_position_attention_backward_triton"),
+        _library._setup_cpa,
+    ),
 }
 
 # ---------------------------------------------------------------------------------------------

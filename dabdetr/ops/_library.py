@@ -69,10 +69,16 @@ def _setup_sine_embed(ctx, inputs, output):
     ctx.args = (num_feats, temperature, scale, exchange_xy)
 
 
-def _backward_sine_embed(ctx, grad):
-    (coords,) = ctx.saved_tensors
-    g = torch.ops.dabdetr.sine_embed_backward(grad, coords, *ctx.args)
-    return g, None, None, None, None
+def backward_sine_embed(backward_op: str):
+    """The autograd backward of a sine_embed op whose backward op is ``dabdetr::<backward_op>``
+    (one formula for every backend: the C++ ops and the Triton ops share it)."""
+
+    def backward(ctx, grad):
+        (coords,) = ctx.saved_tensors
+        g = getattr(torch.ops.dabdetr, backward_op)(grad, coords, *ctx.args)
+        return g, None, None, None, None
+
+    return backward
 
 
 def _setup_msq(ctx, inputs, output):
@@ -81,17 +87,22 @@ def _setup_msq(ctx, inputs, output):
     ctx.args = (num_feats, temperature, scale)
 
 
-def _backward_msq(ctx, grad):
-    anchors, ref_wh, pos_scale = ctx.saved_tensors
-    ga, gr, gp = torch.ops.dabdetr.modulated_sine_query_backward(grad, anchors, ref_wh, pos_scale, *ctx.args)
-    return (
-        ga if ctx.needs_input_grad[0] else None,
-        gr if ref_wh is not None and ctx.needs_input_grad[1] else None,
-        gp if pos_scale is not None and ctx.needs_input_grad[2] else None,
-        None,
-        None,
-        None,
-    )
+def backward_msq(backward_op: str):
+    """The autograd backward of a modulated_sine_query op (see :func:`backward_sine_embed`)."""
+
+    def backward(ctx, grad):
+        anchors, ref_wh, pos_scale = ctx.saved_tensors
+        ga, gr, gp = getattr(torch.ops.dabdetr, backward_op)(grad, anchors, ref_wh, pos_scale, *ctx.args)
+        return (
+            ga if ctx.needs_input_grad[0] else None,
+            gr if ref_wh is not None and ctx.needs_input_grad[1] else None,
+            gp if pos_scale is not None and ctx.needs_input_grad[2] else None,
+            None,
+            None,
+            None,
+        )
+
+    return backward
 
 
 def _setup_cpa(ctx, inputs, output):
@@ -101,15 +112,20 @@ def _setup_cpa(ctx, inputs, output):
     ctx.scale = scale
 
 
-def _backward_cpa(ctx, grad_out, grad_lse):
-    # The logsumexp output is an auxiliary result for the backward; it is not differentiable
-    # (the public function does not return it).
-    q_content, q_pos, k_content, k_pos, value, mask, out, lse = ctx.saved_tensors
-    grads = torch.ops.dabdetr.content_position_attention_backward(
-        grad_out, q_content, q_pos, k_content, k_pos, value, mask, out, lse, ctx.scale
-    )
-    grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5]))
-    return (*grads, None, None)
+def backward_cpa(backward_op: str):
+    """The autograd backward of a content_position_attention op (see :func:`backward_sine_embed`).
+    The logsumexp output is an auxiliary result for the backward; it is not differentiable (the
+    public function does not return it)."""
+
+    def backward(ctx, grad_out, grad_lse):
+        q_content, q_pos, k_content, k_pos, value, mask, out, lse = ctx.saved_tensors
+        grads = getattr(torch.ops.dabdetr, backward_op)(
+            grad_out, q_content, q_pos, k_content, k_pos, value, mask, out, lse, ctx.scale
+        )
+        grads = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:5]))
+        return (*grads, None, None)
+
+    return backward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,10 +169,16 @@ def register() -> bool:
     }
     for name, fn in fakes.items():
         torch.library.register_fake(f"{_NS}::{name}", fn)
-    torch.library.register_autograd(f"{_NS}::sine_embed", _backward_sine_embed, setup_context=_setup_sine_embed)
-    torch.library.register_autograd(f"{_NS}::modulated_sine_query", _backward_msq, setup_context=_setup_msq)
     torch.library.register_autograd(
-        f"{_NS}::content_position_attention", _backward_cpa, setup_context=_setup_cpa
+        f"{_NS}::sine_embed", backward_sine_embed("sine_embed_backward"), setup_context=_setup_sine_embed
+    )
+    torch.library.register_autograd(
+        f"{_NS}::modulated_sine_query", backward_msq("modulated_sine_query_backward"), setup_context=_setup_msq
+    )
+    torch.library.register_autograd(
+        f"{_NS}::content_position_attention",
+        backward_cpa("content_position_attention_backward"),
+        setup_context=_setup_cpa,
     )
     _LIB = torch.library.Library(_NS, "IMPL")
     for device_type in ("cpu", "cuda"):
