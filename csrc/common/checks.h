@@ -43,6 +43,26 @@ inline void check_sine_args(int64_t num_feats, c10::ArrayRef<double> temperature
   }
 }
 
+// modulated_sine_query's arguments: anchors [..., 4]; ref_wh [..., 2] and pos_scale [..., 2F] (both
+// optional) with the leading shape, dtype and device of anchors.
+inline void check_modulated_args(const at::Tensor& anchors, const c10::optional<at::Tensor>& ref_wh,
+                                 const c10::optional<at::Tensor>& pos_scale, int64_t num_feats,
+                                 c10::ArrayRef<double> temperature) {
+  check_floating(anchors, "anchors");
+  check_last_dim(anchors, 4, "anchors");
+  check_sine_args(num_feats, temperature, 2);
+  if (ref_wh.has_value()) {
+    check_like(*ref_wh, anchors, "ref_wh", "anchors");
+    check_last_dim(*ref_wh, 2, "ref_wh");
+    check_same_leading(*ref_wh, anchors, "ref_wh", "anchors");
+  }
+  if (pos_scale.has_value()) {
+    check_like(*pos_scale, anchors, "pos_scale", "anchors");
+    check_last_dim(*pos_scale, 2 * num_feats, "pos_scale");
+    check_same_leading(*pos_scale, anchors, "pos_scale", "anchors");
+  }
+}
+
 // Up to this many leading dims are indexed with strides; more are reshaped.
 constexpr int kMaxRowDims = 6;
 

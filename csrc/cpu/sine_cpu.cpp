@@ -174,24 +174,6 @@ at::Tensor sine_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
   return grad;
 }
 
-void check_modulated_args(const at::Tensor& anchors, const c10::optional<at::Tensor>& ref_wh,
-                          const c10::optional<at::Tensor>& pos_scale, int64_t num_feats,
-                          c10::ArrayRef<double> temperature) {
-  check_floating(anchors, "anchors");
-  check_last_dim(anchors, 4, "anchors");
-  check_sine_args(num_feats, temperature, 2);
-  if (ref_wh.has_value()) {
-    check_like(*ref_wh, anchors, "ref_wh", "anchors");
-    check_last_dim(*ref_wh, 2, "ref_wh");
-    check_same_leading(*ref_wh, anchors, "ref_wh", "anchors");
-  }
-  if (pos_scale.has_value()) {
-    check_like(*pos_scale, anchors, "pos_scale", "anchors");
-    check_last_dim(*pos_scale, 2 * num_feats, "pos_scale");
-    check_same_leading(*pos_scale, anchors, "pos_scale", "anchors");
-  }
-}
-
 at::Tensor modulated_sine_query_cpu(const at::Tensor& anchors, const c10::optional<at::Tensor>& ref_wh,
                                     const c10::optional<at::Tensor>& pos_scale, int64_t num_feats,
                                     c10::ArrayRef<double> temperature, double scale) {

@@ -440,31 +440,19 @@ at::Tensor sine_embed_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   return grad;
 }
 
-void check_modulated_args(const at::Tensor& anchors, const c10::optional<at::Tensor>& ref_wh,
-                          const c10::optional<at::Tensor>& pos_scale, int64_t num_feats,
-                          c10::ArrayRef<double> temperature) {
-  check_floating(anchors, "anchors");
+void check_modulated_args_cuda(const at::Tensor& anchors, const c10::optional<at::Tensor>& ref_wh,
+                               const c10::optional<at::Tensor>& pos_scale, int64_t num_feats,
+                               c10::ArrayRef<double> temperature) {
+  check_modulated_args(anchors, ref_wh, pos_scale, num_feats, temperature);
   check_cuda_tensor(anchors, kMsq, "anchors");
-  check_last_dim(anchors, 4, "anchors");
-  check_sine_args(num_feats, temperature, 2);
   TORCH_CHECK(num_feats <= 1073741823LL, "dabdetr.modulated_sine_query: 'num_feats' = ", num_feats,
               " is too large for the CUDA kernel");
-  if (ref_wh.has_value()) {
-    check_like(*ref_wh, anchors, "ref_wh", "anchors");
-    check_last_dim(*ref_wh, 2, "ref_wh");
-    check_same_leading(*ref_wh, anchors, "ref_wh", "anchors");
-  }
-  if (pos_scale.has_value()) {
-    check_like(*pos_scale, anchors, "pos_scale", "anchors");
-    check_last_dim(*pos_scale, 2 * num_feats, "pos_scale");
-    check_same_leading(*pos_scale, anchors, "pos_scale", "anchors");
-  }
 }
 
 at::Tensor modulated_sine_query_cuda(const at::Tensor& anchors, const c10::optional<at::Tensor>& ref_wh,
                                      const c10::optional<at::Tensor>& pos_scale, int64_t num_feats,
                                      c10::ArrayRef<double> temperature, double scale) {
-  check_modulated_args(anchors, ref_wh, pos_scale, num_feats, temperature);
+  check_modulated_args_cuda(anchors, ref_wh, pos_scale, num_feats, temperature);
   const c10::cuda::CUDAGuard guard(anchors.device());
   const bool has_ref = ref_wh.has_value();
   const bool has_ps = pos_scale.has_value();
@@ -498,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_sine_query_backward_cud
     const at::Tensor& grad_out, const at::Tensor& anchors, const c10::optional<at::Tensor>& ref_wh,
     const c10::optional<at::Tensor>& pos_scale, int64_t num_feats, c10::ArrayRef<double> temperature,
     double scale) {
-  check_modulated_args(anchors, ref_wh, pos_scale, num_feats, temperature);
+  check_modulated_args_cuda(anchors, ref_wh, pos_scale, num_feats, temperature);
   check_like(grad_out, anchors, "grad_out", "anchors");
   check_last_dim(grad_out, 2 * num_feats, "grad_out");
   check_same_leading(grad_out, anchors, "grad_out", "anchors");
