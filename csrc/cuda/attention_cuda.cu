@@ -17,11 +17,23 @@
 //    domain; running max m and sum l per row; O rescaled in place) -> P (rounded to the input type
 //    for the tensor-core product) -> O += P V (GEMM, accumulator in shared memory). The epilogue
 //    writes out = O / l and logsumexp = m + log l ([B, H, Nq], fp32; fp64 for fp64 inputs).
-//  * backward (FlashAttention-2): Delta = rowsum(dO * O) by a small kernel; then two kernels that
-//    both recompute P = exp(scale * S - lse) from the saved logsumexp:
+//  * backward (FlashAttention-2): kernels that all recompute P = exp(scale * S - lse) from the saved
+//    logsumexp, launched in this order:
+//      [float32 / float64] delta kernel: Delta = rowsum(dO * O), a warp per row.
+//      dQ kernel: a block per (b, h, query tile); loops over key tiles: S = Q K^T, dP = dO V^T,
+//        dS = P (dP - Delta); dQ += dS K. [float16 / bfloat16] it first computes Delta itself:
+//        Delta = sum_j P_ij dP_ij (= rowsum(dO * O) in exact arithmetic) in fp32 from S and dP in
+//        a pass over all key tiles (reverse order, so that key tile 0 is still in shared memory
+//        for the main loop), and writes it to a [B, H, Nq] fp32 buffer for the dK/dV kernel.
+//        Reason: the saved O was rounded to the half type, so rowsum(dO * O) carries an error of
+//        ~eps_half * |Delta| into every dS = P (dP - Delta), which ruins query / key gradients
+//        that cancel (peaky softmax over few keys); the CPU kernel (O recomputed in fp32) and the
+//        Triton kernel (the same pass) do likewise. Cost: 2 more tile GEMMs (Q K^T, dO V^T) and
+//        one more K / V tile load per (query tile, key tile) pair, minus key tile 0's, in the dQ
+//        kernel: 9 instead of 7 tile GEMMs per pair for the whole backward; no extra launch (the
+//        delta kernel is not launched for half types) and no extra shared memory.
 //      dK/dV kernel: a block per (b, h, key tile); loops over query tiles: S = Q K^T, dP = dO V^T,
 //        dS = P (dP - Delta); dV += P^T dO; dK += dS^T Q (accumulators in shared memory).
-//      dQ kernel: a block per (b, h, query tile); loops over key tiles: dQ += dS K.
 //    Two kernels instead of atomics: every gradient element is written once by one block, so the
 //    result is deterministic (bitwise reproducible), needs no fp32 scratch for dQ and no
 //    zero-fill / conversion pass; the price is recomputing Q K^T and dO V^T once more (2 of the 7
@@ -29,7 +41,8 @@
 //    than the atomic traffic on dQ (every key tile would add into every query row).
 //  * masking: padded keys (key_padding_mask True) and keys beyond Nk get a -inf bias; a row whose
 //    keys are all padding keeps m = -inf, l = 0: its output is 0 and its logsumexp -inf, and the
-//    backward uses p = exp2(s - (+inf)) = 0 there, so its gradients are exactly 0.
+//    backward uses p = exp2(s - (+inf)) = 0 there (so Delta = 0 in the half-type pass too), so its
+//    gradients are exactly 0.
 //  * the fp32 / fp64 outputs are written with plain stores; grads are contiguous.
 //
 // Tile sizes (BM x BN, 128 threads): float16 / bfloat16 forward 32 x 64, backward 32 x 64; float32
@@ -223,10 +236,10 @@ struct Params {
   // backward
   const T* go;  // grad_out [B, Nq, H, Dv], strided
   int64_t s_go[4];
-  const T* o;  // out [B, Nq, H, Dv], strided
+  const T* o;  // out [B, Nq, H, Dv], strided (read by the float32 / float64 delta kernel only)
   int64_t s_o[4];
   const acc_t* lse_in;  // [B, H, Nq] contiguous
-  acc_t* delta;         // [B, H, Nq] contiguous scratch
+  acc_t* delta;         // [B, H, Nq] contiguous scratch (delta kernel or dQ kernel -> dK/dV kernel)
   T* gqc;               // contiguous grads
   T* gqp;
   T* gkc;
@@ -441,7 +454,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const __grid_cons
 // ------------------------------------------------------------------------------------------------
 // backward
 
-// delta[b, h, i] = sum_d grad_out[b, i, h, d] * out[b, i, h, d]; a warp per row.
+// float32 / float64: delta[b, h, i] = sum_d grad_out[b, i, h, d] * out[b, i, h, d]; a warp per row.
+// (float16 / bfloat16 compute delta = sum_j P_ij dP_ij in the dQ kernel instead, see accumulate_delta.)
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const __grid_constant__ Params<T> p) {
   using acc_t = typename Acc<T>::type;
@@ -462,8 +476,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const __grid_c
 }
 
 // Per-row backward constants of query rows [q0, q0 + BM): lse2 = lse * log2(e) (+inf for rows
-// without keys and rows beyond Nq, so that p = 0 there) and delta (0 beyond Nq).
-template <typename T, int BM>
+// without keys and rows beyond Nq, so that p = 0 there) and delta (0 beyond Nq; 0 everywhere
+// without kLoadDelta, the start of the dQ kernel's own delta pass).
+template <typename T, int BM, bool kLoadDelta>
 __device__ __forceinline__ void load_row_stats(typename Acc<T>::type* lse2, typename Acc<T>::type* delta,
                                                const Params<T>& p, int b, int h, int q0) {
   using acc_t = typename Acc<T>::type;
@@ -475,7 +490,7 @@ __device__ __forceinline__ void load_row_stats(typename Acc<T>::type* lse2, type
       const int64_t r = (static_cast<int64_t>(b) * p.H + h) * p.Nq + i;
       const acc_t lse = p.lse_in[r];
       l2 = lse == -kInf ? kInf : lse * kLog2e<acc_t>;
-      dl = p.delta[r];
+      if constexpr (kLoadDelta) dl = p.delta[r];
     }
     lse2[m] = l2;
     delta[m] = dl;
@@ -498,6 +513,33 @@ __device__ __forceinline__ void probs_and_dscores(const typename Acc<T>::type* S
     const acc_t ds = pv * (dPs[m * lds + n] - delta[m]);
     if (Ps != nullptr) Ps[m * ldp + n] = from_acc<T>(pv);
     dSs[m * ldp + n] = from_acc<T>(ds);
+  }
+}
+
+// float16 / bfloat16 delta pass, one key tile: delta[m] += sum_n P[m, n] dP[m, n] in fp32, with P
+// recomputed as in probs_and_dscores (fp32, not rounded) and dP = dO V^T from the tensor-core GEMM
+// (fp32 accumulation of exact products of the inputs). In exact arithmetic this is rowsum(dO * O);
+// unlike rowsum(dO * O) with the saved O (rounded to the input type) it carries no eps_half * |delta|
+// error into dS = P (dP - delta). A warp per row; row m belongs to the same warp (lane 0) in every
+// tile, so the running sum needs no barrier between tiles.
+template <typename T, int BM, int BN>
+__device__ __forceinline__ void accumulate_delta(const typename Acc<T>::type* Ss, const typename Acc<T>::type* dPs,
+                                                 int lds, const typename Acc<T>::type* lse2,
+                                                 const typename Acc<T>::type* kbias,
+                                                 typename Acc<T>::type scale_log2, typename Acc<T>::type* delta) {
+  using acc_t = typename Acc<T>::type;
+  static_assert(BN % 32 == 0, "delta pass: key tile must be a multiple of 32");
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int m = warp; m < BM; m += kWarps) {
+    acc_t acc = acc_t(0);
+#pragma unroll
+    for (int t = 0; t < BN / 32; ++t) {
+      const int n = lane + 32 * t;
+      const acc_t pv = ex2(Ss[m * lds + n] * scale_log2 + kbias[n] - lse2[m]);
+      acc = fma(pv, dPs[m * lds + n], acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) delta[m] += acc;
   }
 }
 
@@ -557,7 +599,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_kernel(const __grid
     __syncthreads();  // previous readers of Qs / dOs / Ps / dSs are done
     load_concat<T>(Qs, lay.ldq, BM, q0, p.Nq, p.Dqk16, p.qc, p.s_qc, p.Dc, p.qp, p.s_qp, p.Dp, b, h);
     load_concat<T>(dOs, lay.ldv, BM, q0, p.Nq, p.Dv16, p.go, p.s_go, p.Dv, nullptr, nullptr, 0, b, h);
-    load_row_stats<T, BM>(lse2, delta, p, b, h, q0);
+    load_row_stats<T, BM, true>(lse2, delta, p, b, h, q0);
     __syncthreads();
     block_gemm<T, true, false, false>(BM, BN, p.Dqk16, Qs, lay.ldq, Ks, lay.ldq, Ss, lay.lds);   // S = Q K^T
     block_gemm<T, true, false, false>(BM, BN, p.Dv16, dOs, lay.ldv, Vs, lay.ldv, dPs, lay.lds);  // dP = dO V^T
@@ -596,18 +638,48 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(const __grid_c
   const int q0 = qt * BM;
   load_concat<T>(Qs, lay.ldq, BM, q0, p.Nq, p.Dqk16, p.qc, p.s_qc, p.Dc, p.qp, p.s_qp, p.Dp, b, h);
   load_concat<T>(dOs, lay.ldv, BM, q0, p.Nq, p.Dv16, p.go, p.s_go, p.Dv, nullptr, nullptr, 0, b, h);
-  load_row_stats<T, BM>(lse2, delta, p, b, h, q0);
+  // float16 / bfloat16: delta = sum_j P_ij dP_ij, computed here (fp32) and written for the dK/dV
+  // kernel, which runs after this one; float32 / float64: delta = rowsum(dO * O) from the delta kernel.
+  constexpr bool kOwnDelta = kIsHalfLike<T>;
+  load_row_stats<T, BM, !kOwnDelta>(lse2, delta, p, b, h, q0);
   fill_zero(dQ, BM * lay.ldg);
 
+  if constexpr (kOwnDelta) {
+    // Delta pass over the key tiles in reverse order: it ends on key tile 0, whose K, V, key bias, S and
+    // dP the main loop below then reuses from shared memory.
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int kt = (p.Nk + BN - 1) / BN - 1; kt >= 0; --kt) {
+      const int k0 = kt * BN;
+      __syncthreads();  // previous readers of Ks / Vs / Ss / dPs are done
+      load_concat<T>(Ks, lay.ldq, BN, k0, p.Nk, p.Dqk16, p.kc, p.s_kc, p.Dc, p.kp, p.s_kp, p.Dp, b, h);
+      load_concat<T>(Vs, lay.ldv, BN, k0, p.Nk, p.Dv16, p.v, p.s_v, p.Dv, nullptr, nullptr, 0, b, h);
+      load_key_bias<T, BN>(kbias, p, b, k0);
+      __syncthreads();
+      block_gemm<T, true, false, false>(BM, BN, p.Dqk16, Qs, lay.ldq, Ks, lay.ldq, Ss, lay.lds);   // S = Q K^T
+      block_gemm<T, true, false, false>(BM, BN, p.Dv16, dOs, lay.ldv, Vs, lay.ldv, dPs, lay.lds);  // dP = dO V^T
+      __syncthreads();
+      accumulate_delta<T, BM, BN>(Ss, dPs, lay.lds, lse2, kbias, p.scale_log2, delta);
+    }
+    // The owner (lane 0) of row m's sum writes it (without keys there is no dK/dV block to read it).
+    if (p.Nk > 0) {
+      for (int m = warp; m < BM; m += kWarps) {
+        const int i = q0 + m;
+        if (lane == 0 && i < p.Nq) p.delta[(static_cast<int64_t>(b) * p.H + h) * p.Nq + i] = delta[m];
+      }
+    }
+  }
+
   for (int k0 = 0; k0 < p.Nk; k0 += BN) {
-    __syncthreads();  // previous readers of Ks / Vs / dSs are done
-    load_concat<T>(Ks, lay.ldq, BN, k0, p.Nk, p.Dqk16, p.kc, p.s_kc, p.Dc, p.kp, p.s_kp, p.Dp, b, h);
-    load_concat<T>(Vs, lay.ldv, BN, k0, p.Nk, p.Dv16, p.v, p.s_v, p.Dv, nullptr, nullptr, 0, b, h);
-    load_key_bias<T, BN>(kbias, p, b, k0);
-    __syncthreads();
-    block_gemm<T, true, false, false>(BM, BN, p.Dqk16, Qs, lay.ldq, Ks, lay.ldq, Ss, lay.lds);   // S = Q K^T
-    block_gemm<T, true, false, false>(BM, BN, p.Dv16, dOs, lay.ldv, Vs, lay.ldv, dPs, lay.lds);  // dP = dO V^T
-    __syncthreads();
+    if (!kOwnDelta || k0 > 0) {  // with kOwnDelta, key tile 0 is still in shared memory
+      __syncthreads();           // previous readers of Ks / Vs / dSs are done
+      load_concat<T>(Ks, lay.ldq, BN, k0, p.Nk, p.Dqk16, p.kc, p.s_kc, p.Dc, p.kp, p.s_kp, p.Dp, b, h);
+      load_concat<T>(Vs, lay.ldv, BN, k0, p.Nk, p.Dv16, p.v, p.s_v, p.Dv, nullptr, nullptr, 0, b, h);
+      load_key_bias<T, BN>(kbias, p, b, k0);
+      __syncthreads();
+      block_gemm<T, true, false, false>(BM, BN, p.Dqk16, Qs, lay.ldq, Ks, lay.ldq, Ss, lay.lds);   // S = Q K^T
+      block_gemm<T, true, false, false>(BM, BN, p.Dv16, dOs, lay.ldv, Vs, lay.ldv, dPs, lay.lds);  // dP = dO V^T
+    }
+    __syncthreads();  // kOwnDelta, k0 = 0: also publishes delta (written by lane 0 of each row's warp)
     probs_and_dscores<T, BM, BN>(Ss, dPs, lay.lds, nullptr, dSs, lay.ldp, lse2, delta, kbias, p.scale_log2);
     __syncthreads();
     block_gemm<T, true, true, true>(BM, p.Dqk16, BN, dSs, lay.ldp, Ks, lay.ldq, dQ, lay.ldg);  // dQ += dS K
@@ -689,6 +761,23 @@ void launch(Kernel kernel, int64_t blocks, uint32_t smem, int device, cudaStream
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The backward kernels in stream order. dQ before dK/dV: the latter reads delta, which the dQ kernel
+// writes for float16 / bfloat16 (float32 / float64: the delta kernel, first). Nq == 0: the dK/dV
+// kernel writes zeros; Nk == 0: the dQ kernel writes zeros.
+template <typename T>
+void launch_backward(const Params<T>& p, const AttentionSizes& s, int device, cudaStream_t stream) {
+  if constexpr (!kIsHalfLike<T>) {  // a template: the half types never instantiate the delta kernel
+    const int64_t rows = s.B * s.Nq * s.H;
+    launch<T>(attn_bwd_delta_kernel<T>, ceil_div(rows, kWarps), 0, device, stream, "backward (delta)", p);
+  }
+  const BwdLayout<T> q(p.Dqk16, p.Dv16, false);
+  launch<T>(attn_bwd_dq_kernel<T>, ceil_div(s.Nq, BwdLayout<T>::BM) * s.B * s.H, q.total, device, stream,
+            "backward (dQ)", p);
+  const BwdLayout<T> kv(p.Dqk16, p.Dv16, true);
+  launch<T>(attn_bwd_dkdv_kernel<T>, ceil_div(s.Nk, BwdLayout<T>::BN) * s.B * s.H, kv.total, device, stream,
+            "backward (dK, dV)", p);
+}
+
 std::tuple<at::Tensor, at::Tensor> content_position_attention_cuda(
     const at::Tensor& q_content, const at::Tensor& q_pos, const at::Tensor& k_content, const at::Tensor& k_pos,
     const at::Tensor& value, const c10::optional<at::Tensor>& key_padding_mask, double scale) {
@@ -751,15 +840,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> content_p
     p.gkc = native_mutable_ptr<scalar_t>(gkc);
     p.gkp = native_mutable_ptr<scalar_t>(gkp);
     p.gv = native_mutable_ptr<scalar_t>(gv);
-    const int64_t rows = s.B * s.Nq * s.H;
-    launch<T>(attn_bwd_delta_kernel<T>, ceil_div(rows, kWarps), 0, device, stream, "backward (delta)", p);
-    // Nq == 0: the dK/dV kernel writes zeros; Nk == 0: the dQ kernel writes zeros.
-    const BwdLayout<T> kv(p.Dqk16, p.Dv16, true);
-    launch<T>(attn_bwd_dkdv_kernel<T>, ceil_div(s.Nk, BwdLayout<T>::BN) * s.B * s.H, kv.total, device, stream,
-              "backward (dK, dV)", p);
-    const BwdLayout<T> q(p.Dqk16, p.Dv16, false);
-    launch<T>(attn_bwd_dq_kernel<T>, ceil_div(s.Nq, BwdLayout<T>::BM) * s.B * s.H, q.total, device, stream,
-              "backward (dQ)", p);
+    launch_backward<T>(p, s, device, stream);
   });
   return {gqc, gqp, gkc, gkp, gv};
 }
