@@ -6,7 +6,7 @@ DEPS = torch ninja pybind11 numpy scipy pillow tqdm pycocotools pytest hypothesi
 STAMP = build/.dabdetr-installed
 SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: setup deps demo test test-fast bench clean
+.PHONY: setup deps demo train test bench clean
 
 deps:
 	$(PYTHON) -m pip install -q $(DEPS)
@@ -38,6 +38,11 @@ test: setup
 
 bench: setup
 	$(PYTHON) benchmarks/bench_ops.py
+
+# DAB-DETR (tiny preset) trained on the embedded synthetic COCO-format dataset on the CPU, then the
+# AP table and a PNG of predictions in runs/demo/ (work in progress: see README, "Training").
+train: setup
+	$(PYTHON) -m dabdetr train --out runs/demo
 
 clean:
 	rm -rf build dabdetr/_C*.so *.egg-info

@@ -87,6 +87,7 @@ if __name__ == "__main__" or "setuptools" in sys.modules:
             "dabdetr.ops",
             "dabdetr.nn",
             "dabdetr.models",
+            "dabdetr.data",
             "dabdetr.kernels",
         ],
         package_dir={"dabdetr.kernels": "kernels"},

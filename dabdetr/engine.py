@@ -1,0 +1,434 @@
+"""Training and evaluation loops (no framework): :func:`train_one_epoch`, :func:`evaluate`, and
+:func:`fit` which runs epochs with checkpoints, resume, evaluation and JSON logs.
+
+* AMP: ``amp="bf16"`` (autocast) or ``"fp16"`` (autocast + GradScaler); the model runs under
+  autocast, its outputs are cast to float32 and the loss (matcher, box math) runs in float32.
+* DDP: launch with ``torchrun``; :func:`init_distributed` picks NCCL on GPUs and gloo on the CPU,
+  ``num_boxes`` is averaged across ranks by the criterion, rank 0 alone prints (tqdm) and writes.
+  :func:`cleanup_distributed` drops the DDP wrapper and the optimizer and runs ``gc.collect()``
+  before ``destroy_process_group()`` (without it gloo runs abort at exit now and then).
+* A NaN/inf loss raises :class:`NonFiniteLossError` before the optimizer step: the run stops
+  with a message and the last checkpoint on disk stays as it was.
+* Gradient accumulation over ``accum_steps`` batches (``no_sync`` under DDP), clipping of the
+  total gradient norm (0.1 in the paper's recipe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["NonFiniteLossError", "init_distributed", "cleanup_distributed", "is_main_process", "seed_everything",
+           "autocast", "make_scaler", "build_optimizer", "train_one_epoch", "evaluate", "to_coco_results",
+           "JsonLogger"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ------------------------------------------------------------------------------------ distributed
+def init_distributed(backend: Optional[str] = None) -> Dict[str, Any]:
+    """Initialise torch.distributed from torchrun's environment (``WORLD_SIZE`` > 1); returns
+    ``{"rank", "world_size", "local_rank", "distributed", "device"}``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return {"rank": rank, "world_size": world, "local_rank": local_rank, "distributed": world > 1, "device": device}
+
+
+def cleanup_distributed(namespace: Optional[Dict[str, Any]] = None, names: Sequence[str] = ()) -> None:
+    """Delete ``names`` from ``namespace`` (e.g. the DDP model, optimizer), ``gc.collect()``, then
+    ``destroy_process_group()``: the order that keeps gloo from aborting at exit."""
+    if namespace is not None:
+        for n in names:
+            namespace.pop(n, None)
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seeds Python, NumPy and torch with ``seed + rank`` (the original's per-rank seeds)."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+# ------------------------------------------------------------------------------------ AMP
+def autocast(device: torch.device, amp: Optional[str]):
+    if amp in (None, "", "none", "fp32", "float32"):
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, amp: Optional[str]):
+    return torch.amp.GradScaler(device.type, enabled=amp in ("fp16", "float16"))
+
+
+def _to_float(outputs: Any) -> Any:
+    if isinstance(outputs, Tensor):
+        return outputs.float()
+    if isinstance(outputs, dict):
+        return {k: _to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_to_float(v) for v in outputs)
+    return outputs
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, lr_backbone: float, weight_decay: float,
+                    kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW with the original's two parameter groups (``backbone.*`` at ``lr_backbone``);
+    ``kind="sgd"``: plain SGD (same groups, no momentum; used by the DDP equivalence test)."""
+    from .checkpointing import unwrap
+
+    m = unwrap(model)
+    bb = [p for n, p in m.named_parameters() if n.startswith("backbone.") and p.requires_grad]
+    rest = [p for n, p in m.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    groups = [{"params": rest, "lr": lr}, {"params": bb, "lr": lr_backbone}]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+# ------------------------------------------------------------------------------------ logging
+class JsonLogger:
+    """Appends one JSON object per line to ``path`` (rank 0 only)."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path if is_main_process() else None
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def __call__(self, **record: Any) -> None:
+        if not self.path:
+            return
+        record.setdefault("time", time.time())
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+
+
+def _json_default(v):
+    if isinstance(v, Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return str(v)
+
+
+def _reduce_mean(values: Dict[str, float], device) -> Dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+# ------------------------------------------------------------------------------------ training
+def train_one_epoch(model: torch.nn.Module, criterion, loader, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, *, scaler=None, amp: Optional[str] = None,
+                    clip_max_norm: float = 0.1, accum_steps: int = 1, start_iter: int = 0,
+                    on_step: Optional[Callable[[int], None]] = None, progress: bool = True,
+                    log: Optional[JsonLogger] = None, log_every: int = 0, max_iters: Optional[int] = None,
+                    total_iters: Optional[int] = None) -> Dict[str, float]:
+    """One epoch (from batch ``start_iter`` when resuming). ``on_step(next_iter)`` is called after
+    every optimizer step (for checkpoints every N iterations). Returns the mean of each logged loss
+    over the epoch (averaged over ranks)."""
+    from tqdm import tqdm
+
+    model.train()
+    criterion.train()
+    main = is_main_process()
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    total = total_iters if total_iters is not None else start_iter + len(loader)
+    bar = tqdm(total=total, initial=start_iter, desc=f"epoch {epoch}", disable=not (main and progress),
+               dynamic_ncols=True, leave=True, file=sys.stderr, mininterval=1.0)
+    sums: Dict[str, float] = {}
+    count = 0
+    it = start_iter
+    optimizer.zero_grad(set_to_none=True)
+    t0 = time.time()
+    for images, mask, targets in loader:
+        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        micro = (it - start_iter) % accum_steps
+        boundary = micro == accum_steps - 1 or it + 1 == total
+        sync = contextlib.nullcontext() if (boundary or not ddp) else model.no_sync()
+        with sync:
+            with autocast(device, amp):
+                outputs = model(images, mask)
+            outputs = _to_float(outputs)
+            losses = criterion(outputs, targets)
+            loss = criterion.total(losses)
+            value = loss.detach()
+            if dist.is_available() and dist.is_initialized():
+                value = value.clone()
+                dist.all_reduce(value, op=dist.ReduceOp.MAX)  # every rank stops together
+            if not math.isfinite(value.item()):
+                bar.close()
+                raise NonFiniteLossError(
+                    f"loss is {value.item()} at epoch {epoch}, iteration {it}; stopping (the last checkpoint is "
+                    f"left as it was). Losses: " + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()
+                                                              if k in criterion.weight_dict))
+            if scaler is not None and scaler.is_enabled():
+                scaler.scale(loss / accum_steps).backward()
+            else:
+                (loss / accum_steps).backward()
+        if boundary:
+            if scaler is not None and scaler.is_enabled():
+                scaler.unscale_(optimizer)
+                if clip_max_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                if clip_max_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        it += 1
+        record = {k: v.item() for k, v in losses.items() if k in criterion.weight_dict and not k[-1].isdigit()}
+        record["loss"] = loss.item()
+        for k, v in record.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        lr = optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", refresh=False)
+        bar.update(1)
+        if log is not None and log_every and it % log_every == 0:
+            log(type="iter", epoch=epoch, iter=it, lr=lr, **record)
+        if boundary and on_step is not None:
+            on_step(it)
+        if max_iters is not None and it >= max_iters:
+            break
+    bar.close()
+    stats = {k: v / max(count, 1) for k, v in sums.items()}
+    stats = _reduce_mean(stats, device)
+    stats["lr"] = optimizer.param_groups[0]["lr"]
+    stats["epoch_time_s"] = time.time() - t0
+    return stats
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def to_coco_results(results: Sequence[Dict[str, Tensor]], image_ids: Sequence[int],
+                    valid_categories: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
+    """Post-processed detections (xyxy pixels) → COCO result dicts (xywh)."""
+    valid = set(valid_categories) if valid_categories is not None else None
+    out = []
+    for res, image_id in zip(results, image_ids):
+        boxes = res["boxes"].float().cpu()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        for s, l, b in zip(res["scores"].tolist(), res["labels"].tolist(), xywh):
+            if valid is not None and l not in valid:
+                continue
+            out.append({"image_id": int(image_id), "category_id": int(l), "bbox": [round(v, 3) for v in b],
+                        "score": float(s)})
+    return out
+
+
+@torch.no_grad()
+def predict_loader(model: torch.nn.Module, loader, device: torch.device, amp: Optional[str] = None,
+                   num_select: Optional[int] = None, progress: bool = True, desc: str = "eval"):
+    """Run the model over ``loader``; returns ``(coco_results, image_ids)`` of this rank."""
+    from tqdm import tqdm
+
+    from .checkpointing import unwrap
+
+    m = unwrap(model)
+    model.eval()
+    results: List[Dict[str, Any]] = []
+    ids: List[int] = []
+    valid = getattr(loader.dataset, "category_ids", None)
+    for images, mask, targets in tqdm(loader, desc=desc, disable=not (is_main_process() and progress),
+                                      dynamic_ncols=True, file=sys.stderr, mininterval=1.0):
+        images, mask = images.to(device), mask.to(device)
+        with autocast(device, amp):
+            outputs = model(images, mask)
+        outputs = _to_float(outputs)
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        res = m.postprocess(outputs, sizes, num_select)
+        batch_ids = [int(t["image_id"]) for t in targets]
+        results += to_coco_results(res, batch_ids, valid)
+        ids += batch_ids
+    return results, ids
+
+
+def evaluate(model: torch.nn.Module, loader, device: torch.device, coco_gt=None, amp: Optional[str] = None,
+             num_select: Optional[int] = None, progress: bool = True) -> Optional[Dict[str, Any]]:
+    """COCO box AP of ``model`` on ``loader`` (its dataset's ``coco`` unless ``coco_gt`` is given).
+    Under DDP the detections of all ranks are gathered and rank 0 runs COCOeval; other ranks get
+    None. Returns ``{"stats": [12 floats], "names": [...], "detections": n}``."""
+    from .coco_eval import coco_evaluate
+
+    results, ids = predict_loader(model, loader, device, amp, num_select, progress)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: List[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (results, ids))
+        if not is_main_process():
+            return None
+        seen, results = set(), []
+        for res, img_ids in gathered:  # the padded sampler repeats a few images: keep one copy
+            dup = set(img_ids) & seen
+            results += [r for r in res if r["image_id"] not in dup]
+            seen |= set(img_ids)
+    coco_gt = coco_gt if coco_gt is not None else loader.dataset.coco
+    return coco_evaluate(coco_gt, results)
+
+
+# ------------------------------------------------------------------------------------ the whole run
+def build_datasets(cfg, paths: Dict[str, str], skip_invalid: bool = False):
+    from .data import CocoDetection, detr_train_transforms, detr_val_transforms
+
+    train_t = detr_train_transforms(scale=cfg.aug_scale, flip=cfg.flip, max_size=cfg.max_size,
+                                    scales=cfg.train_scales, crop_prob=cfg.crop_prob)
+    val_t = detr_val_transforms(scale=cfg.aug_scale, size=cfg.val_size, max_size=cfg.max_size)
+    train = CocoDetection(paths["train_images"], paths["train_ann"], train_t, seed=cfg.seed,
+                          skip_invalid=skip_invalid) if paths.get("train_ann") else None
+    val = CocoDetection(paths["val_images"], paths["val_ann"], val_t, seed=cfg.seed,
+                        skip_invalid=skip_invalid) if paths.get("val_ann") else None
+    return train, val
+
+
+def fit(cfg, paths: Dict[str, str], out_dir: str, resume: Optional[str] = None, progress: bool = True,
+        device: Optional[str] = None, print_fn=print, skip_invalid: bool = False,
+        max_iters_per_epoch: Optional[int] = None) -> Dict[str, Any]:
+    """Train ``cfg`` (:class:`dabdetr.train_presets.TrainConfig`) on ``paths`` (``train_images,
+    train_ann, val_images, val_ann``), writing ``out_dir/checkpoint.pth`` (atomic, every epoch and
+    every ``cfg.checkpoint_every`` iterations), ``out_dir/log.jsonl`` and ``out_dir/eval.json``.
+    ``resume``: a checkpoint path or ``"auto"`` (``out_dir/checkpoint.pth`` if present). Returns
+    ``{"eval": ..., "epochs": ..., "out_dir": ...}``. Works under torchrun (DDP)."""
+    from .checkpointing import find_resume_checkpoint, load_training_checkpoint, save_training_checkpoint
+    from .coco_eval import format_table, save_json
+    from .data import build_loader
+    from .models import DABDETR, get_preset
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    env = init_distributed()
+    rank, world, distributed = env["rank"], env["world_size"], env["distributed"]
+    dev = torch.device(device) if device else env["device"]
+    main = rank == 0
+    say = print_fn if main else (lambda *a, **k: None)
+    seed_everything(cfg.seed, rank)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by the {world} processes")
+    local_bs = cfg.batch_size // world
+
+    train_ds, val_ds = build_datasets(cfg, paths, skip_invalid)
+    ref_ds = train_ds or val_ds
+    model_cfg = get_preset(cfg.preset).model.replace(num_classes=ref_ds.num_classes)
+    if cfg.model:
+        model_cfg = model_cfg.replace(**cfg.model)
+    model = DABDETR(model_cfg).to(dev)
+    criterion = model.build_criterion()
+    optimizer = build_optimizer(model, cfg.lr, cfg.lr_backbone, cfg.weight_decay, cfg.optimizer)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_drop, gamma=cfg.lr_gamma)
+    scaler = make_scaler(dev, cfg.amp)
+    start_epoch, start_iter = 0, 0
+    if resume:
+        path = find_resume_checkpoint(out_dir) if resume == "auto" else resume
+        if path:
+            ck = load_training_checkpoint(path, model, optimizer, scheduler, scaler, rank=rank)
+            start_epoch, start_iter = ck["epoch"], ck["iteration"]
+            say(f"resumed from {path}: epoch {start_epoch}, iteration {start_iter}")
+    ddp_model = model
+    if distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    train_loader = build_loader(train_ds, local_bs, shuffle=True, seed=cfg.seed, num_workers=cfg.workers,
+                                num_replicas=world, rank=rank) if train_ds else None
+    val_loader = build_loader(val_ds, max(1, cfg.eval_batch_size // world), shuffle=False, num_workers=cfg.workers,
+                              num_replicas=world, rank=rank) if val_ds else None
+    log = JsonLogger(os.path.join(out_dir, "log.jsonl"))
+    ckpt_path = os.path.join(out_dir, "checkpoint.pth")
+    settings = cfg.to_dict()
+    settings["category_names"] = {str(k): v for k, v in ref_ds.categories.items()}
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"training {cfg.preset} ({n_params / 1e6:.2f}M trainable parameters) on {len(train_ds) if train_ds else 0} "
+        f"images, {world} process(es), device {dev}, global batch {cfg.batch_size} x {cfg.accum_steps} accumulation, "
+        f"amp {cfg.amp}; epochs {start_epoch}..{cfg.epochs - 1}")
+    log(type="start", config=settings, world_size=world, start_epoch=start_epoch, start_iter=start_iter)
+    kill_at = os.environ.get("DABDETR_DEBUG_KILL_AT_ITER")  # test hook "epoch:iter": SIGKILL there
+
+    def save(epoch: int, iteration: int) -> None:
+        save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, epoch, iteration, settings,
+                                 is_main=main)
+
+    result: Dict[str, Any] = {"out_dir": out_dir, "eval": None}
+    t_start = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.epoch_sampler.set_epoch(epoch, start_iter)
+        total = train_loader.epoch_sampler.num_batches()
+
+        def on_step(it: int, epoch=epoch) -> None:
+            if kill_at and kill_at == f"{epoch}:{it}":
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < total:
+                save(epoch, it)
+
+        stats = train_one_epoch(ddp_model, criterion, train_loader, optimizer, dev, epoch, scaler=scaler, amp=cfg.amp,
+                                clip_max_norm=cfg.clip_max_norm, accum_steps=cfg.accum_steps, start_iter=start_iter,
+                                on_step=on_step, progress=progress, log=log, log_every=cfg.log_every,
+                                total_iters=total, max_iters=max_iters_per_epoch)
+        start_iter = 0
+        scheduler.step()
+        save(epoch + 1, 0)
+        record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+        last = epoch == cfg.epochs - 1
+        if val_loader is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+            ev = evaluate(ddp_model, val_loader, dev, amp=cfg.amp, progress=progress)
+            if main:
+                record["val_AP"], record["val_AP50"] = ev["stats"][0], ev["stats"][1]
+                result["eval"] = ev
+        record["elapsed_s"] = time.time() - t_start
+        log(**record)
+        say(f"epoch {epoch}: loss {stats.get('loss', float('nan')):.4f}, lr {stats['lr']:.2e}, "
+            f"{stats['epoch_time_s']:.0f} s" + (f", val AP {record['val_AP']:.3f}, AP50 {record['val_AP50']:.3f}"
+                                                if "val_AP" in record else ""))
+    if result["eval"] is None and val_loader is not None and start_epoch >= cfg.epochs:
+        ev = evaluate(ddp_model, val_loader, dev, amp=cfg.amp, progress=progress)
+        result["eval"] = ev if main else None
+    if main and result["eval"] is not None:
+        save_json(result["eval"], os.path.join(out_dir, "eval.json"))
+        say(format_table(result["eval"], f"COCO box evaluation on {paths.get('val_ann')}"))
+    result["train_time_s"] = time.time() - t_start
+    result["model"] = model if not distributed else None
+    result["rank"] = rank
+    del ddp_model, optimizer, scheduler, scaler, train_loader, val_loader
+    if distributed:
+        result.pop("model")
+        del model
+        cleanup_distributed()
+    return result
