@@ -43,6 +43,24 @@ inline void check_sine_args(int64_t num_feats, c10::ArrayRef<double> temperature
   }
 }
 
+// sine_embed's arguments: coords [..., C] with C >= 2 when exchange_xy (else C >= 1).
+inline void check_sine_embed_args(const at::Tensor& coords, int64_t num_feats, c10::ArrayRef<double> temperature,
+                                  bool exchange_xy, const char* op) {
+  check_floating(coords, "coords");
+  TORCH_CHECK(coords.dim() >= 1, "dabdetr.", op, ": 'coords' must have at least 1 dimension");
+  const int64_t C = coords.size(-1);
+  TORCH_CHECK(C >= (exchange_xy ? 2 : 1), "dabdetr.", op, ": 'coords' must have at least ", (exchange_xy ? 2 : 1),
+              " coordinates in its last dimension, got ", C);
+  check_sine_args(num_feats, temperature, C);
+}
+
+// A backward op's 'grad_out': the dtype and device of `ref`, its leading shape, last dim `last`.
+inline void check_grad_out(const at::Tensor& grad_out, const at::Tensor& ref, const char* ref_name, int64_t last) {
+  check_like(grad_out, ref, "grad_out", ref_name);
+  check_last_dim(grad_out, last, "grad_out");
+  check_same_leading(grad_out, ref, "grad_out", ref_name);
+}
+
 // modulated_sine_query's arguments: anchors [..., 4]; ref_wh [..., 2] and pos_scale [..., 2F] (both
 // optional) with the leading shape, dtype and device of anchors.
 inline void check_modulated_args(const at::Tensor& anchors, const c10::optional<at::Tensor>& ref_wh,

@@ -45,6 +45,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "acc_type.h"
 #include "attention_checks.h"
 #include "attention_kernels.h"
 
@@ -57,15 +58,6 @@ namespace {
 constexpr int64_t kFwdKeyTile = 256;
 constexpr int64_t kBwdKeyTile = 128;
 constexpr int64_t kBwdQueryBlock = 64;
-
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }

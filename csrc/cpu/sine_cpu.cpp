@@ -17,20 +17,12 @@
 
 #include "../common/checks.h"
 #include "../common/sine_common.h"
+#include "acc_type.h"
 #include "sincos.h"
 
 namespace dabdetr {
 namespace cpu {
 namespace {
-
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
 
 // Row grain of the parallel loops: each row costs ~num_feats sincos evaluations.
 int64_t grain_for(int64_t work_per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work_per_row)); }
@@ -88,12 +80,8 @@ inline void embed_block(acc_t v, const acc_t* w, int64_t half, acc_t* s, acc_t* 
 
 at::Tensor sine_embed_cpu(const at::Tensor& coords, int64_t num_feats, c10::ArrayRef<double> temperature,
                           double scale, bool exchange_xy) {
-  check_floating(coords, "coords");
-  TORCH_CHECK(coords.dim() >= 1, "dabdetr.sine_embed: 'coords' must have at least 1 dimension");
+  check_sine_embed_args(coords, num_feats, temperature, exchange_xy, "sine_embed");
   const int64_t C = coords.size(-1);
-  TORCH_CHECK(C >= (exchange_xy ? 2 : 1), "dabdetr.sine_embed: 'coords' must have at least ",
-              (exchange_xy ? 2 : 1), " coordinates in its last dimension, got ", C);
-  check_sine_args(num_feats, temperature, C);
   RowIndexer idx;
   const at::Tensor in = make_row_indexer(coords, idx);
   std::vector<int64_t> out_sizes(coords.sizes().begin(), coords.sizes().end());
@@ -128,18 +116,14 @@ at::Tensor sine_embed_cpu(const at::Tensor& coords, int64_t num_feats, c10::Arra
 
 at::Tensor sine_embed_backward_cpu(const at::Tensor& grad_out, const at::Tensor& coords, int64_t num_feats,
                                    c10::ArrayRef<double> temperature, double scale, bool exchange_xy) {
-  check_floating(coords, "coords");
-  check_like(grad_out, coords, "grad_out", "coords");
+  check_sine_embed_args(coords, num_feats, temperature, exchange_xy, "sine_embed_backward");
   const int64_t C = coords.size(-1);
-  check_sine_args(num_feats, temperature, C);
-  check_last_dim(grad_out, C * num_feats, "grad_out");
-  check_same_leading(grad_out, coords, "grad_out", "coords");
+  check_grad_out(grad_out, coords, "coords", C * num_feats);
   RowIndexer idx, gidx;
   const at::Tensor in = make_row_indexer(coords, idx);
   const at::Tensor g = make_row_indexer(grad_out, gidx);
   at::Tensor grad = at::empty(coords.sizes(), coords.options());
   if (grad.numel() == 0) return grad;
-  if (num_feats == 0) return grad.zero_();
   const int64_t rows = coords.numel() / C;
   const int64_t half = num_feats / 2;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, coords.scalar_type(), "dabdetr_sine_embed_bwd_cpu", [&] {
@@ -235,9 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_sine_query_backward_cpu
     const c10::optional<at::Tensor>& pos_scale, int64_t num_feats, c10::ArrayRef<double> temperature,
     double scale) {
   check_modulated_args(anchors, ref_wh, pos_scale, num_feats, temperature);
-  check_like(grad_out, anchors, "grad_out", "anchors");
-  check_last_dim(grad_out, 2 * num_feats, "grad_out");
-  check_same_leading(grad_out, anchors, "grad_out", "anchors");
+  check_grad_out(grad_out, anchors, "anchors", 2 * num_feats);
   RowIndexer aidx, ridx, pidx, gidx;
   const at::Tensor a = make_row_indexer(anchors, aidx);
   const at::Tensor g = make_row_indexer(grad_out, gidx);

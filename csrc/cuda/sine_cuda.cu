@@ -366,13 +366,9 @@ const char* kMsq = "modulated_sine_query";
 
 at::Tensor sine_embed_cuda(const at::Tensor& coords, int64_t num_feats, c10::ArrayRef<double> temperature,
                            double scale, bool exchange_xy) {
-  check_floating(coords, "coords");
+  check_sine_embed_args(coords, num_feats, temperature, exchange_xy, "sine_embed");
   check_cuda_tensor(coords, kSine, "coords");
-  TORCH_CHECK(coords.dim() >= 1, "dabdetr.sine_embed: 'coords' must have at least 1 dimension");
   const int64_t C = coords.size(-1);
-  TORCH_CHECK(C >= (exchange_xy ? 2 : 1), "dabdetr.sine_embed: 'coords' must have at least ",
-              (exchange_xy ? 2 : 1), " coordinates in its last dimension, got ", C);
-  check_sine_args(num_feats, temperature, C);
   TORCH_CHECK(C * num_feats <= 2147483647LL, "dabdetr.sine_embed: C * num_feats = ", C * num_feats,
               " is too large for the CUDA kernel");
   const c10::cuda::CUDAGuard guard(coords.device());
@@ -403,16 +399,10 @@ at::Tensor sine_embed_cuda(const at::Tensor& coords, int64_t num_feats, c10::Arr
 
 at::Tensor sine_embed_backward_cuda(const at::Tensor& grad_out, const at::Tensor& coords, int64_t num_feats,
                                     c10::ArrayRef<double> temperature, double scale, bool exchange_xy) {
-  check_floating(coords, "coords");
+  check_sine_embed_args(coords, num_feats, temperature, exchange_xy, "sine_embed_backward");
   check_cuda_tensor(coords, kSine, "coords");
-  check_like(grad_out, coords, "grad_out", "coords");
-  TORCH_CHECK(coords.dim() >= 1, "dabdetr.sine_embed_backward: 'coords' must have at least 1 dimension");
   const int64_t C = coords.size(-1);
-  TORCH_CHECK(C >= (exchange_xy ? 2 : 1), "dabdetr.sine_embed_backward: 'coords' must have at least ",
-              (exchange_xy ? 2 : 1), " coordinates in its last dimension, got ", C);
-  check_sine_args(num_feats, temperature, C);
-  check_last_dim(grad_out, C * num_feats, "grad_out");
-  check_same_leading(grad_out, coords, "grad_out", "coords");
+  check_grad_out(grad_out, coords, "coords", C * num_feats);
   const c10::cuda::CUDAGuard guard(coords.device());
   DeviceRowIndexer xi, gi;
   const at::Tensor in = make_device_indexer(coords, xi);
@@ -487,9 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_sine_query_backward_cud
     const c10::optional<at::Tensor>& pos_scale, int64_t num_feats, c10::ArrayRef<double> temperature,
     double scale) {
   check_modulated_args_cuda(anchors, ref_wh, pos_scale, num_feats, temperature);
-  check_like(grad_out, anchors, "grad_out", "anchors");
-  check_last_dim(grad_out, 2 * num_feats, "grad_out");
-  check_same_leading(grad_out, anchors, "grad_out", "anchors");
+  check_grad_out(grad_out, anchors, "anchors", 2 * num_feats);
   const c10::cuda::CUDAGuard guard(anchors.device());
   const bool has_ref = ref_wh.has_value();
   const bool has_ps = pos_scale.has_value();
