@@ -23,7 +23,8 @@ BACKENDS = ("torch", "cpu", "cuda", "triton")
 # Fused implementations provided by Python packages (the Triton backend registers its ops here when
 # it is importable): {backend: {op_name: callable}}.
 _PY_IMPLS: Dict[str, Dict[str, Callable]] = {"triton": {}}
-_PY_UNAVAILABLE: Dict[str, str] = {"triton": "the Triton backend is not implemented yet"}
+# Until dabdetr.kernels registers its ops (or records why it cannot), the backend is unavailable.
+_PY_UNAVAILABLE: Dict[str, str] = {"triton": "dabdetr.kernels has not registered the Triton backend"}
 
 
 class BackendError(RuntimeError):
