@@ -178,20 +178,28 @@ def measure(
     warmup: int = 3,
     target_sample_s: float = 2e-3,
     max_inner: int = 1000,
+    inner: Optional[int] = None,
 ) -> Dict[str, Timing]:
     """Time several callables round-robin (see the module docstring).
 
     ``iters``: exactly this many samples per callable (overrides ``min_time``/``min/max_samples``).
     Otherwise sampling goes on until every callable has ``min_samples`` samples and ``min_time``
     seconds of samples, or ``max_samples`` samples.
+    ``inner``: calls per sample for every callable, instead of estimating it from three extra
+    calls (for callables that take seconds, e.g. a model's train step); ``warmup`` may then be 0.
     """
     samplers = {k: _Sampler(f, device) for k, f in fns.items()}
-    inner: Dict[str, int] = {}
+    calls: Dict[str, int] = {}  # calls per sample
     for name, s in samplers.items():
+        if inner is not None:
+            for _ in range(warmup):
+                s(1)
+            calls[name] = max(1, int(inner))
+            continue
         for _ in range(max(1, warmup)):
             s(1)
         est = min(s(1) for _ in range(3))
-        inner[name] = int(min(max_inner, max(1, math.ceil(target_sample_s / max(est, 1e-9)))))
+        calls[name] = int(min(max_inner, max(1, math.ceil(target_sample_s / max(est, 1e-9)))))
     times: Dict[str, List[float]] = {k: [] for k in fns}
     spent: Dict[str, float] = {k: 0.0 for k in fns}
     gc.collect()
@@ -201,9 +209,9 @@ def measure(
         rounds = 0
         while True:
             for name, s in samplers.items():
-                t = s(inner[name])
+                t = s(calls[name])
                 times[name].append(t)
-                spent[name] += t * inner[name]
+                spent[name] += t * calls[name]
             rounds += 1
             if iters is not None:
                 if rounds >= iters:
@@ -224,7 +232,7 @@ def measure(
             p75_ms=_quantile(ms, 0.75),
             min_ms=min(ms),
             samples=len(ms),
-            inner=inner[name],
+            inner=calls[name],
         )
     return out
 
@@ -236,6 +244,41 @@ def time_once(fn: Callable[[], object], device: str) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# roofline: measured peaks of this device
+
+
+def device_peaks(device: str, dtype: torch.dtype, *, quick: bool = False, reps: int = 5) -> Dict[str, object]:
+    """Measured (not datasheet) peaks to put achieved rates in proportion, once per run:
+
+    * ``copy_gbps``: ``y.copy_(x)`` of a large float32 tensor (CUDA 1 GiB, CPU 256 MiB; ``quick``:
+      32 MiB), bytes read + written per second (GB/s = 1e9 B/s).
+    * ``matmul_gflops``: ``torch.mm`` of two square ``dtype`` matrices (CUDA n = 8192, CPU n = 2048;
+      ``quick``: 512), ``2·n³`` flops per call, in GFLOP/s (float32 on CUDA: TF32 as torch's
+      current setting, off by default).
+
+    Median of ``reps`` calls after one warm-up (``measure``'s timers, all threads of this process).
+    """
+    cuda = torch.device(device).type == "cuda"
+    nbytes = (32 << 20) if quick else ((1 << 30) if cuda else (256 << 20))
+    n = 512 if quick else (8192 if cuda else 2048)
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.zeros_like(x)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = measure({"copy": lambda: y.copy_(x), "mm": lambda: torch.mm(a, b)}, device, iters=reps, warmup=1, inner=1)
+    del x, y, a, b
+    return {
+        "copy_gbps": 2 * nbytes / (t["copy"].median_ms / 1e3) / 1e9,
+        "copy_bytes": nbytes,
+        "matmul_gflops": 2.0 * n ** 3 / (t["mm"].median_ms / 1e3) / 1e9,
+        "matmul_n": n,
+        "matmul_dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "method": "measured: y.copy_(x) float32 (read + write bytes), torch.mm n x n (2 n^3 flops); median",
+    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,9 +48,12 @@ Memory (``--memory`` / ``--memory-only``): the fused attention forward+backward 
 ``B·H·Nq·Nk`` float32 buffer needs > 4 GB, with its time and peak memory, against the eager
 requirement. See :func:`memory_demo`.
 
-Roofline: :func:`op_cost` gives the minimal bytes moved and flops of each (op, shape, mode); the JSON
-rows carry the achieved GB/s and GFLOP/s, and ``--roofline`` adds them to the table. A per-device
-peak table to compare against is left to the model-benchmark issue.
+Roofline (default; ``--no-roofline`` skips it): :func:`op_cost` gives the compulsory bytes moved and
+the useful flops of each (op, shape, mode); the JSON rows carry the achieved GB/s and GFLOP/s. Once per
+run, ``_common.device_peaks`` measures this device's copy bandwidth (a large tensor copy) and matmul
+rate (a large ``torch.mm`` in the benchmark dtype); the table shows, per row, the achieved bandwidth
+(sine ops: bytes the fused kernel must read + write) or flop rate (attention: ``flops.attention_flops``)
+and its percentage of that measured peak (``pct_of_peak`` in the JSON; ``peaks`` at the top level).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from torch import Tensor
 from benchmarks import _common as C
 
 import dabdetr.ops as ops
+from dabdetr.models.flops import attention_flops
 from dabdetr.ops import reference
 
 TWO_PI = 2 * math.pi
@@ -251,14 +255,15 @@ def make_cases(op_names: Sequence[str], quick: bool) -> List[Case]:
 
 
 # ---------------------------------------------------------------------------------------------
-# roofline: minimal bytes moved and flops per call (later: compare against a per-device peak table)
+# roofline: compulsory bytes moved and useful flops per call (against measured peaks: add_roofline)
 
 
 def op_cost(op: str, dims: Dict[str, int], mode: str, elem: int) -> Dict[str, float]:
     """Compulsory traffic (each input read once, each output written once) and useful flops.
 
-    Attention flops count multiply-adds as 2 and ignore the mask and the backward's recomputation
-    of the probabilities: fwd ``2·B·H·Nq·Nk·(Dc+Dp+Dv)``, bwd twice that (dV, dP, dQ, dK).
+    Attention flops are :func:`dabdetr.models.flops.attention_flops` (2 per multiply-add, the mask
+    ignored): fwd ``2·B·H·Nq·Nk·(Dc+Dp+Dv)``; bwd ``2·B·H·Nq·Nk·(3·(Dc+Dp) + 2·Dv)`` (the
+    recomputed ``q·kᵀ``, then dV, dP, dQ, dK).
     Sine-op flops are reported as 0 (they are bound by memory and transcendental throughput).
     """
     if op in ("sine_embed", "sine_embed_2d"):
@@ -280,8 +285,9 @@ def op_cost(op: str, dims: Dict[str, int], mode: str, elem: int) -> Dict[str, fl
         lse = B * H * Nq * 4
         fwd = q_bytes + kv_bytes + o_bytes + lse + B * Nk
         bwd = 2 * (q_bytes + kv_bytes) + 2 * o_bytes + lse + B * Nk  # inputs, out, grad_out -> grads
-        flops_f = 2.0 * B * H * Nq * Nk * (dqk + dv)
-        flops_b = 2.0 * flops_f
+        qc, qp, v = (B, Nq, H, dims["Dc"]), (B, Nq, H, dims["Dp"]), (B, Nk, H, dv)
+        flops_f = float(attention_flops(qc, qp, v, Nk))
+        flops_b = float(attention_flops(qc, qp, v, Nk, backward=True))
     if mode in ("fwd", "infer"):
         return {"bytes": float(fwd), "flops": flops_f}
     if mode == "bwd":
@@ -341,7 +347,20 @@ def _tolerance(dtype: torch.dtype) -> float:
 # the op benchmark
 
 
-def run_ops(args, device: str, dtype: torch.dtype, timing_kw: dict) -> List[dict]:
+def add_roofline(row: dict, peaks: Optional[dict]) -> None:
+    """``pct_of_peak`` (and which peak) of a timed row: the attention against the measured matmul
+    rate, the sine ops against the measured copy bandwidth."""
+    if not peaks or "median_ms" not in row:
+        return
+    if row.get("achieved_gflops"):
+        row["pct_of_peak"] = 100.0 * row["achieved_gflops"] / peaks["matmul_gflops"]
+        row["peak_kind"] = "matmul"
+    else:
+        row["pct_of_peak"] = 100.0 * row["achieved_gbps"] / peaks["copy_gbps"]
+        row["peak_kind"] = "copy"
+
+
+def run_ops(args, device: str, dtype: torch.dtype, timing_kw: dict, peaks: Optional[dict] = None) -> List[dict]:
     rows: List[dict] = []
     elem = torch.empty((), dtype=dtype).element_size()
     for case in make_cases(args.ops, args.quick):
@@ -418,6 +437,7 @@ def run_ops(args, device: str, dtype: torch.dtype, timing_kw: dict) -> List[dict
                 s = t.median_ms / 1e3
                 row["achieved_gbps"] = cost["bytes"] / s / 1e9
                 row["achieved_gflops"] = cost["flops"] / s / 1e9 if cost["flops"] else None
+                add_roofline(row, peaks)
                 rows.append(row)
                 C.log(f"  {mode:8s} {name:8s} {t.median_ms:9.4f} ms"
                       + (f"  x{row['speedup_vs_eager']:.2f} vs eager" if row["speedup_vs_eager"] else ""))
@@ -429,11 +449,20 @@ def _x(v: Optional[float]) -> str:
     return f"{v:.2f}x" if v is not None else "—"
 
 
+def _rate(r: dict) -> str:
+    """The row's achieved rate in the unit that matters for it: GB/s for the sine ops, GFLOP/s
+    (TFLOP/s from 1000 GFLOP/s up) for the attention."""
+    g = r.get("achieved_gflops")
+    if g:
+        return f"{g / 1e3:.2f} TFLOP/s" if g >= 1e3 else f"{g:.1f} GFLOP/s"
+    return f"{r['achieved_gbps']:.1f} GB/s"
+
+
 def ops_table(rows: List[dict], roofline: bool) -> str:
     headers = ["op", "shape", "mode", "provider", "median ms", "IQR ms", "vs eager", "vs compile"]
     align = "lllrrrrr"
     if roofline:
-        headers += ["GB/s", "GFLOP/s"]
+        headers += ["achieved", "% of peak"]
         align += "rr"
     out = []
     for r in rows:
@@ -448,10 +477,24 @@ def ops_table(rows: List[dict], roofline: bool) -> str:
             _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile")),
         ]
         if roofline:
-            cells += [f"{r['achieved_gbps']:.1f}",
-                      f"{r['achieved_gflops']:.1f}" if r.get("achieved_gflops") else "—"]
+            pct = r.get("pct_of_peak")
+            cells += [_rate(r), f"{pct:.0f}% {r['peak_kind']}" if pct is not None else "—"]
         out.append(cells)
     return C.markdown_table(headers, out, align)
+
+
+def peaks_table(peaks: dict, device: str, name: str) -> str:
+    """The measured per-device peak table the '% of peak' column refers to."""
+    mm = peaks["matmul_gflops"]
+    rows = [
+        [name, "copy bandwidth", f"{peaks['copy_gbps']:.1f} GB/s",
+         f"y.copy_(x), {C.fmt_bytes(peaks['copy_bytes'])} float32, read + write"],
+        [name, f"matmul rate ({peaks['matmul_dtype']})", f"{mm / 1e3:.2f} TFLOP/s" if mm >= 1e3 else f"{mm:.1f} GFLOP/s",
+         f"torch.mm {peaks['matmul_n']}x{peaks['matmul_n']}, 2n³ flops"],
+    ]
+    return (f"Peaks measured on this {device} (torch threads: {peaks['threads']}) for '% of peak': 'copy' for the sine "
+            "ops (compulsory bytes), 'matmul' for the attention (flops.attention_flops):\n\n"
+            + C.markdown_table(["device", "peak", "measured", "how"], rows, "llrl"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,7 +774,10 @@ def parse_args(argv=None):
                    help="JSON path (default benchmarks/results/ops_<device>_<dtype>_<host or gpu>.json); "
                         "'-' for none")
     p.add_argument("--csv", default=None, help="also write the rows as CSV here")
-    p.add_argument("--roofline", action="store_true", help="add achieved GB/s and GFLOP/s columns")
+    p.add_argument("--roofline", dest="roofline", action="store_true", default=True,
+                   help="achieved GB/s or GFLOP/s columns and %% of the measured device peaks (default)")
+    p.add_argument("--no-roofline", dest="roofline", action="store_false",
+                   help="skip the peak measurement and the roofline columns")
     p.add_argument("--memory", action="store_true",
                    help="also run the memory demonstration (fused attention at a > 4 GB-per-buffer size)")
     p.add_argument("--memory-only", action="store_true", help="run only the memory demonstration")
@@ -807,17 +853,24 @@ def main(argv=None) -> int:
     if busy:
         C.log(f"[bench_ops] WARNING: {busy}")
         env["busy_warning"] = busy
-    rows = run_ops(args, device, dtype, timing_kw) if args.ops else []
+    peaks = None
+    if args.roofline and args.ops:
+        C.log("[bench_ops] measuring this device's copy bandwidth and matmul rate (roofline peaks) ...")
+        peaks = C.device_peaks(device, dtype, quick=args.quick)
+    rows = run_ops(args, device, dtype, timing_kw, peaks) if args.ops else []
     mem = memory_demo(args, device, dtype) if args.memory else None
 
     title = (f"## dabdetr op benchmarks — {device}, {args.dtype}, "
              f"{env.get('gpu', {}).get('name') or env['cpu_model']} ({threads} threads), torch {torch.__version__}")
     print(title + "\n")
     if rows:
-        print(ops_table(rows, args.roofline))
+        print(ops_table(rows, peaks is not None))
         print("\nmedian of round-robin samples; 'vs eager' = eager median / provider median; "
               "'vs compile' likewise for the fused backends. fwd = forward with autograd recording; "
               "bwd = backward only (forward untimed, fresh graph per call); fwd+bwd = both.")
+        if peaks:
+            name = env.get("gpu", {}).get("name") or env["cpu_model"] or device
+            print("\n" + peaks_table(peaks, device, name))
     if mem:
         print("\n" + memory_table(mem))
 
@@ -826,6 +879,7 @@ def main(argv=None) -> int:
         "environment": env,
         "settings": {"device": device, "dtype": args.dtype, "quick": args.quick, "modes": args.modes,
                      "ops": args.ops, "compile": args.compile, "timing": timing_kw},
+        "peaks": peaks,
         "rows": rows,
         "memory": mem,
     }
