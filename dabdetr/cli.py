@@ -7,7 +7,8 @@
     dabdetr eval runs/demo/checkpoint.pth      # AP table (synthetic val split unless --data)
     dabdetr predict CKPT a.jpg b.png --out preds --attention
     dabdetr convert checkpoint.pth ours.pth    # original / HF weights → our format
-    dabdetr bench --quick                      # the op benchmarks (benchmarks/bench_ops.py)
+    dabdetr bench --quick                      # the op benchmarks (benchmarks/bench_ops.py; also `bench ops`)
+    dabdetr bench model --case 512x512:2       # the model benchmark (benchmarks/bench_model.py)
 
 Configs: ``--preset`` names a training preset (``demo``) or a model preset (``r50``, ``tiny``...);
 ``--set key=value`` overrides any training field (lr, epochs, batch_size, amp, aug_scale ...) or
@@ -134,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--source", choices=["auto", "original", "hf"], default="auto")
     c.add_argument("--hf-config", default=None, help="HF config.json (when SRC is a bare state dict)")
 
-    b = sub.add_parser("bench", help="op benchmarks (arguments go to benchmarks/bench_ops.py)", add_help=False)
+    b = sub.add_parser("bench", help="benchmarks: `bench [ops] ARGS` → benchmarks/bench_ops.py, "
+                                     "`bench model ARGS` → benchmarks/bench_model.py", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
@@ -330,25 +332,32 @@ def cmd_convert(args) -> int:
     return 0
 
 
+BENCHMARKS = {"ops": "bench_ops", "model": "bench_model"}
+
+
 def cmd_bench(args) -> int:
+    """``bench model ARGS`` runs benchmarks/bench_model.py; ``bench ops ARGS`` and ``bench ARGS``
+    run benchmarks/bench_ops.py (``--help`` goes to the script)."""
     import importlib.util
 
+    rest = list(args.bench_args)
+    name = BENCHMARKS[rest.pop(0)] if rest and rest[0] in BENCHMARKS else "bench_ops"
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(here, "benchmarks", "bench_ops.py")
+    script = os.path.join(here, "benchmarks", f"{name}.py")
     if not os.path.exists(script):
         print(f"error: {script} not found (the benchmarks ship with the source tree, not the wheel)", file=sys.stderr)
         return 2
     sys.path.insert(0, here)
-    spec = importlib.util.spec_from_file_location("benchmarks.bench_ops", script)
+    spec = importlib.util.spec_from_file_location(f"benchmarks.{name}", script)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["benchmarks.bench_ops"] = mod
+    sys.modules[f"benchmarks.{name}"] = mod
     spec.loader.exec_module(mod)
-    return int(mod.main(list(args.bench_args)) or 0)
+    return int(mod.main(rest) or 0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":  # everything after "bench" (--help included) goes to bench_ops
+    if argv and argv[0] == "bench":  # everything after "bench [ops|model]" (--help included) goes to the script
         return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)

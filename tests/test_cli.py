@@ -103,3 +103,10 @@ def test_convert_original_fixture(tmp_path):
 def test_bench_forwards_to_bench_ops():
     r = dabdetr("bench", "--help")
     assert r.returncode == 0 and "--quick" in r.stdout
+
+
+def test_bench_model_and_ops_subcommands():
+    r = dabdetr("bench", "model", "--help")
+    assert r.returncode == 0 and "--case" in r.stdout and "train step" in r.stdout
+    r = dabdetr("bench", "ops", "--help")
+    assert r.returncode == 0 and "--memory-only" in r.stdout
