@@ -842,7 +842,7 @@ def plot(payload: Dict[str, Any], path: Path) -> Optional[Path]:
                 bottom = [b + v for b, v in zip(bottom, vals)]
         ax.set_ylabel("ms per train step")
         ax.set_title(f"{res['case']}: train-step breakdown")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax = row[1]
         metrics = [("train_speedup_vs_eager", "train step"), ("infer_speedup_vs_eager", "inference"),
@@ -851,7 +851,8 @@ def plot(payload: Dict[str, Any], path: Path) -> Optional[Path]:
         width = 0.8 / max(1, len(metrics))
         for i, (key, label) in enumerate(metrics):
             vals = [res["providers"][n].get(key) or 0.0 for n in provs]
-            ax.bar([j + i * width for j in range(len(provs))], vals, width, label=label)
+            bars = ax.bar([j + i * width for j in range(len(provs))], vals, width, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([j + width for j in range(len(provs))])
         ax.set_xticklabels(provs, rotation=20, fontsize=8)

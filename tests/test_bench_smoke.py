@@ -27,3 +27,33 @@ def test_bench_ops_quick(tmp_path):
     assert "eager" in providers
     for r in rows:
         assert r["median_ms"] > 0
+
+
+def test_bench_model_quick(tmp_path):
+    """bench_model.py --quick (tiny preset, 96x128 batch 2) with every kind of provider; compile
+    through the aot_eager backend (inductor's cold compile would dominate a smoke test); one thread
+    (OpenMP threads spin at barriers when another process holds the cores)."""
+    out = tmp_path / "model.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--device", "cpu", "--quick", "--threads", "1",
+         "--providers", "eager,fused,fused+compile", "--compile-backend", "aot_eager", "--no-plot",
+         "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| provider" in proc.stdout and "Breakdown of one train step" in proc.stdout
+    assert (tmp_path / "model.md").exists()
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "bench_model" and data["settings"]["preset"] == "tiny"
+    (case,) = data["cases"]
+    assert set(case["providers"]) == {"eager", "fused", "fused+compile"}
+    for name, p in case["providers"].items():
+        assert not p.get("errors"), (name, p.get("errors"))
+        assert p["train_step"]["median_ms"] > 0 and p["infer"]["median_ms"] > 0, name
+        assert p["infer_images_per_s"] > 0 and p["decoder_fwd_bwd"]["median_ms"] > 0, name
+        assert p["train_peak_bytes"] > 0, name
+        assert sum(v for v in p["breakdown_ms"].values() if v) > 0, name
+    assert case["providers"]["eager"]["train_speedup_vs_eager"] == 1.0
+    assert case["flops"]["flops"] > 0 and abs(case["flops"]["macs"] * 2 - case["flops"]["flops"]) <= 1
+    assert set(case["acceptance"]) == {"decoder_fused_vs_eager", "train_fused_vs_eager", "train_best_vs_eager"}
