@@ -94,7 +94,7 @@ def make_scaler(device: torch.device, amp: Optional[str]):
 
 def _to_float(outputs: Any) -> Any:
     if isinstance(outputs, Tensor):
-        return outputs.float()
+        return outputs.float() if outputs.is_floating_point() else outputs
     if isinstance(outputs, dict):
         return {k: _to_float(v) for k, v in outputs.items()}
     if isinstance(outputs, (list, tuple)):
@@ -186,7 +186,7 @@ def train_one_epoch(model: torch.nn.Module, criterion, loader, optimizer: torch.
         sync = contextlib.nullcontext() if (boundary or not ddp) else model.no_sync()
         with sync:
             with autocast(device, amp):
-                outputs = model(images, mask)
+                outputs = model(images, mask, targets=targets)  # targets: query denoising, if enabled
             outputs = _to_float(outputs)
             losses = criterion(outputs, targets)
             loss = criterion.total(losses)

@@ -241,8 +241,22 @@ def test_dc5_backbone_structure():
     assert l4[0].conv2.stride == (1, 1) and l4[0].conv2.dilation == (1, 1)
     assert all(b.conv2.dilation == (2, 2) and b.conv2.padding == (2, 2) for b in l4[1:])
     assert l4[0].downsample[0].stride == (1, 1)
-    with pytest.raises(ValueError, match="BasicBlock"):
-        resnet("resnet18", dilation=True)
+    # BasicBlock ResNets take DC5 here too (torchvision refuses it): both 3x3 convolutions dilated
+    r18 = resnet("resnet18", dilation=True)
+    assert r18(x).shape == (1, 512, 4, 4)
+    assert r18.layer4[0].conv1.stride == (1, 1)
+    assert r18.layer4[0].conv1.dilation == (1, 1) and r18.layer4[0].downsample[0].stride == (1, 1)
+    assert all(b.conv1.dilation == (2, 2) and b.conv2.dilation == (2, 2) for b in r18.layer4[1:])
+
+
+def test_backbone_width():
+    narrow = resnet("resnet18", width=16)
+    assert narrow(torch.zeros(1, 3, 64, 64)).shape == (1, 128, 2, 2)
+    assert narrow.conv1.out_channels == 16 and narrow.layer4[0].conv1.out_channels == 128
+    # same parameter names as the full-width ResNet
+    assert [n for n, _ in narrow.named_parameters()] == [n for n, _ in resnet("resnet18").named_parameters()]
+    with pytest.raises(ValueError, match="width"):
+        resnet("resnet18", width=0)
 
 
 def test_backbone_trainable_rule_and_torchvision_names():

@@ -82,13 +82,12 @@ class BasicBlock(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
                  dilation: int = 1, norm=None):
         super().__init__()
-        if dilation > 1:
-            raise ValueError("dilation > 1 (DC5) is not supported by BasicBlock ResNets (resnet18/34), "
-                             "as in torchvision; use resnet50/101 for DC5")
-        self.conv1 = _conv3x3(inplanes, planes, stride)
+        # torchvision's BasicBlock refuses dilation; here DC5 works for resnet18/34 too (both 3x3
+        # convolutions dilated, as the bottleneck's one), which only changes padding, not weights.
+        self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
         self.bn1 = norm(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes)
+        self.conv2 = _conv3x3(planes, planes, 1, dilation)
         self.bn2 = norm(planes)
         self.downsample = downsample
         self.stride = stride
@@ -140,23 +139,28 @@ class ResNet(nn.Module):
     ``dilation=True`` replaces layer4's stride by dilation 2 (DC5, output stride 16): its first block
     keeps dilation 1 and stride 1, the others use dilation 2, as torchvision's
     ``replace_stride_with_dilation=[False, False, True]``.
+
+    ``width`` is the stem / layer1 width (64 in torchvision's ResNets; layers 2-4 double it each
+    time): a narrower ResNet for the ``tiny`` preset, with the same parameter names.
     """
 
     def __init__(self, block: Type[nn.Module], layers: Sequence[int], dilation: bool = False,
-                 norm: str = "frozen", norm_eps: float = 1e-5):
+                 norm: str = "frozen", norm_eps: float = 1e-5, width: int = 64):
         super().__init__()
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
         self._norm = _norm_factory(norm, norm_eps)
-        self.inplanes = 64
+        self.inplanes = width
         self.dilation = 1
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = self._norm(64)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = self._norm(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilation)
-        self.num_channels = 512 * block.expansion
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2, dilate=dilation)
+        self.num_channels = 8 * width * block.expansion
         self.stride = 16 if dilation else 32
         self._init_weights()
 
@@ -191,11 +195,11 @@ class ResNet(nn.Module):
         return self.layer4(x)
 
 
-def resnet(name: str, dilation: bool = False, norm: str = "frozen", norm_eps: float = 1e-5) -> ResNet:
+def resnet(name: str, dilation: bool = False, norm: str = "frozen", norm_eps: float = 1e-5, width: int = 64) -> ResNet:
     if name not in RESNET_SPECS:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(RESNET_SPECS)}")
     block, layers = RESNET_SPECS[name]
-    return ResNet(block, layers, dilation=dilation, norm=norm, norm_eps=norm_eps)
+    return ResNet(block, layers, dilation=dilation, norm=norm, norm_eps=norm_eps, width=width)
 
 
 def load_torchvision_resnet_weights(body: ResNet, state_dict: Dict[str, Tensor]) -> None:
@@ -219,9 +223,9 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str = "resnet50", dilation: bool = False, train_backbone: bool = True,
                  trainable_layers: Sequence[str] = ("layer2", "layer3", "layer4"),
-                 norm: str = "frozen", norm_eps: float = 1e-5):
+                 norm: str = "frozen", norm_eps: float = 1e-5, width: int = 64):
         super().__init__()
-        self.body = resnet(name, dilation=dilation, norm=norm, norm_eps=norm_eps)
+        self.body = resnet(name, dilation=dilation, norm=norm, norm_eps=norm_eps, width=width)
         self.num_channels = self.body.num_channels
         self.stride = self.body.stride
         for pname, p in self.body.named_parameters():

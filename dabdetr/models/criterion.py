@@ -6,6 +6,10 @@ float32 with autocast off.
 ``criterion(outputs, targets)`` → dict of every loss and logged metric (the original's keys:
 ``loss_ce, class_error, loss_bbox, loss_giou, loss_xy, loss_hw, cardinality_error`` and the ``_i``
 copies of the aux layers); ``criterion.total(losses)`` → the weighted sum to back-propagate.
+
+With query denoising (``outputs["dn"]``, see :mod:`dabdetr.models.denoising`) the denoising
+queries add ``loss_ce_dn, loss_bbox_dn, loss_giou_dn`` (and ``_dn_<i>`` per aux layer): each real
+denoising query against the box it was made from (no matching), normalised by ``num_boxes · G``.
 """
 
 from __future__ import annotations
@@ -134,11 +138,43 @@ class SetCriterion(nn.Module):
                 all_indices.append(idx)
                 final = i == len(layers) - 1
                 losses.update(self._layer_losses(layer_out, targets, idx, nb, "" if final else f"_{i}", log=final))
+            if outputs.get("dn") is not None:
+                losses.update(self.denoising_losses(outputs["dn"], targets, nb))
+            if outputs.get("enc_aux") is not None:
+                from .dense_aux import dense_aux_losses
+
+                losses.update(dense_aux_losses(outputs["enc_aux"], targets, nb))
         # the original's key order: final layer first, then the aux layers
         order = [k for k in losses if not k.rsplit("_", 1)[-1].isdigit()] + \
                 [k for k in losses if k.rsplit("_", 1)[-1].isdigit()]
         losses = {k: losses[k] for k in order}
         return (losses, all_indices) if return_indices else losses
+
+    def denoising_losses(self, dn: Dict, targets: Sequence[Dict[str, Tensor]], num_boxes: float) -> Dict[str, Tensor]:
+        """Losses of the denoising queries on every decoder layer (keys ``loss_*_dn`` for the last,
+        ``loss_*_dn_<i>`` for the others). Padding slots take no part (neither as positives nor as
+        negatives): the real queries of the whole batch are gathered into one row, each matched to
+        the box it was made from."""
+        b, q = dn["valid"].nonzero(as_tuple=True)
+        j = dn["target_index"][b, q]
+        device = dn["valid"].device
+        labels = torch.cat([t["labels"].to(device) for t in targets])
+        boxes = torch.cat([t["boxes"].to(device).float() for t in targets])
+        offsets = torch.tensor([0] + [len(t["labels"]) for t in targets], device=device).cumsum(0)
+        flat = offsets[b] + j
+        source = [{"labels": labels[flat], "boxes": boxes[flat]}]
+        n = int(flat.numel())
+        indices = [(torch.arange(n), torch.arange(n))]
+        nb = num_boxes * dn["groups"]
+        layers = dn["layers"]
+        out: Dict[str, Tensor] = {}
+        for i, layer_out in enumerate(layers):
+            suffix = "_dn" if i == len(layers) - 1 else f"_dn_{i}"
+            rows = {"pred_logits": layer_out["pred_logits"][b, q][None], "pred_boxes": layer_out["pred_boxes"][b, q][None]}
+            part = self.loss_labels(rows, source, indices, nb, log=False)
+            part.update(self.loss_boxes(rows, source, indices, nb))
+            out.update({k + suffix: v for k, v in part.items() if k in ("loss_ce", "loss_bbox", "loss_giou")})
+        return out
 
     def total(self, losses: Dict[str, Tensor]) -> Tensor:
         """``Σ weight_dict[k] · losses[k]`` over the weighted keys."""
@@ -151,7 +187,13 @@ def build_criterion(config) -> SetCriterion:
                                config.focal_alpha, config.focal_gamma)
     weight_dict = {"loss_ce": config.cls_loss_coef, "loss_bbox": config.bbox_loss_coef,
                    "loss_giou": config.giou_loss_coef}
+    if getattr(config, "dn_groups", 0) > 0:
+        weight_dict.update({f"{k}_dn": v for k, v in list(weight_dict.items())})
     if config.aux_loss:
+        base = {k: v for k, v in weight_dict.items()}
         for i in range(config.dec_layers - 1):
-            weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items()) if not k[-1].isdigit()})
+            weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
+    if getattr(config, "enc_aux_coef", 0.0) > 0:
+        weight_dict["loss_enc_heatmap"] = config.enc_aux_coef
+        weight_dict["loss_enc_bbox"] = config.enc_aux_coef * config.bbox_loss_coef
     return SetCriterion(config.num_classes, matcher, weight_dict, config.focal_alpha, config.focal_gamma)

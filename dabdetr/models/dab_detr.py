@@ -160,7 +160,7 @@ class DABDETR(nn.Module):
         self.num_classes = c.num_classes
         self.aux_loss = c.aux_loss
         body = Backbone(c.backbone, c.dilation, c.train_backbone, c.backbone_trainable_layers, c.backbone_norm,
-                        c.frozen_bn_eps)
+                        c.frozen_bn_eps, c.backbone_width)
         pe = PositionEmbeddingSineHW(d // 2, c.pe_temperature_h, c.pe_temperature_w, normalize=True,
                                      backend=c.backend)
         self.backbone = Joiner(body, pe)
@@ -171,6 +171,19 @@ class DABDETR(nn.Module):
                                        c.backend)
         self.class_embed = nn.Linear(d, c.num_classes)
         self.bbox_embed = MLP(d, d, 4, 3)
+        if c.dn_groups < 0:
+            raise ValueError(f"dn_groups must be >= 0, got {c.dn_groups}")
+        # query denoising (training only): the content of a denoising query is its (noised) class's embedding
+        self.label_enc = nn.Embedding(c.num_classes, d) if c.dn_groups > 0 else None
+        # dense auxiliary loss on the encoder output (training from scratch only)
+        if c.enc_aux_coef < 0:
+            raise ValueError(f"enc_aux_coef must be >= 0, got {c.enc_aux_coef}")
+        if c.enc_aux_coef > 0:
+            from .dense_aux import DenseAuxHead
+
+            self.enc_aux_head = DenseAuxHead(d, c.num_classes, c.focal_prior_prob)
+        else:
+            self.enc_aux_head = None
         self._init_heads()
 
     def _init_heads(self) -> None:
@@ -197,9 +210,16 @@ class DABDETR(nn.Module):
                 m.backend = backend
 
     def forward(self, images: Union[Tensor, Sequence[Tensor]], mask: Optional[Tensor] = None,
-                intermediates: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                intermediates: Optional[Dict[str, Any]] = None,
+                targets: Optional[Sequence[Dict[str, Tensor]]] = None) -> Dict[str, Any]:
         """``images [B,3,H,W]`` + ``mask [B,H,W]`` (True = padding; None = no padding), or a list of
         ``[3,H_i,W_i]`` images.
+
+        ``targets`` (training with ``config.dn_groups > 0`` only; ignored otherwise): the batch's
+        targets, from which the query-denoising groups are built; their predictions are returned
+        under ``"dn"`` (``{"layers": [{"pred_logits", "pred_boxes"} per decoder layer], "valid",
+        "target_index", "groups"}``) for the criterion. The matching queries' outputs do not depend
+        on them (the self-attention mask hides the denoising queries).
 
         ``intermediates``: a dict filled (batch-first) with ``backbone_feat, feat_mask, pos_embed,
         src_proj`` ``[B,C,h,w]``; ``enc_pos_scales, enc_layer_out [Le,B,HW,d]``, ``memory [B,HW,d]``;
@@ -220,11 +240,35 @@ class DABDETR(nn.Module):
         rec: Optional[Dict[str, list]] = {} if intermediates is not None else None
         feat, mask_f, pos = self.backbone(images, mask)
         src = self.input_proj(feat)
-        hs, references = self.transformer(src, mask_f, self.refpoint_embed(), pos, self.bbox_embed, rec)
+        dn = None
+        if self.label_enc is not None and self.training and targets is not None:
+            from .denoising import make_denoising_queries
+
+            c = self.config
+            dn = make_denoising_queries(targets, self.num_queries * max(1, c.num_patterns), self.label_enc,
+                                        c.dn_groups, c.dn_label_noise, c.dn_box_noise, c.inverse_sigmoid_eps)
+        want_aux = self.enc_aux_head is not None and self.training
+        res = self.transformer(src, mask_f, self.refpoint_embed(), pos, self.bbox_embed, rec, dn, return_memory=want_aux)
+        hs, references = res[0], res[1]
         head_delta = self.bbox_embed(hs).float()
         boxes = (head_delta + inverse_sigmoid(references, self.config.inverse_sigmoid_eps)).sigmoid()
         logits = self.class_embed(hs)
+        dn_out = None
+        if dn is not None:
+            n = dn.num_queries
+            dn_out = {"layers": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:, :, :n], boxes[:, :, :n])],
+                      "valid": dn.valid, "target_index": dn.target_index, "groups": dn.groups}
+            logits, boxes, hs, references = logits[:, :, n:], boxes[:, :, n:], hs[:, :, n:], references[:, :, n:]
+        elif self.label_enc is not None and self.training:
+            # no box in the batch: keep the embedding in the graph (DDP expects a gradient for it)
+            logits = logits + 0.0 * self.label_enc.weight.sum()
         out: Dict[str, Any] = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if dn_out is not None:
+            out["dn"] = dn_out
+        if want_aux:
+            aux = self.enc_aux_head(res[2], src.shape[-2:])
+            aux["mask"] = mask_f
+            out["enc_aux"] = aux
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         if intermediates is not None:

@@ -27,6 +27,7 @@ class DABDETRConfig:
     backbone_trainable_layers: Tuple[str, ...] = ("layer2", "layer3", "layer4")
     backbone_norm: str = "frozen"  # "frozen" (original) or "batch" (training from scratch)
     frozen_bn_eps: float = 1e-5
+    backbone_width: int = 64  # ResNet stem width (64: torchvision's; smaller for the tiny preset)
     # position encodings
     pe_temperature_h: float = 20.0
     pe_temperature_w: float = 20.0
@@ -59,6 +60,14 @@ class DABDETRConfig:
     giou_loss_coef: float = 2.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # query denoising (DN-DETR), a training-only aid: 0 = off (the original DAB-DETR); see
+    # dabdetr.models.denoising. Adds the ``label_enc`` embedding to the model.
+    dn_groups: int = 0
+    dn_label_noise: float = 0.2
+    dn_box_noise: float = 0.4
+    # dense auxiliary (CenterNet-like) loss on the encoder output, a training-only aid for training
+    # from scratch: 0 = off (the original); see dabdetr.models.dense_aux.
+    enc_aux_coef: float = 0.0
     # fused-op backend for every dabdetr.ops call (None: automatic; "torch": eager reference)
     backend: Optional[str] = None
 

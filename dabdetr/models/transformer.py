@@ -203,7 +203,10 @@ class TransformerDecoderLayer(nn.Module):
         self.activation = build_activation(activation)
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor, query_sine_embed: Tensor,
-                memory_key_padding_mask: Optional[Tensor], rec: Rec = None) -> Tensor:
+                memory_key_padding_mask: Optional[Tensor], rec: Rec = None,
+                self_attn_mask: Optional[Tensor] = None) -> Tensor:
+        """``self_attn_mask``: optional ``[B|1, 1, Q, Q]`` bool (True = may attend), the query
+        denoising groups' mask (:mod:`dabdetr.models.denoising`)."""
         H = self.nhead
         p = self.attn_dropout if self.training else 0.0
         _put(rec, "dec_layer_in", tgt)
@@ -211,7 +214,8 @@ class TransformerDecoderLayer(nn.Module):
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
         v = self.sa_v_proj(tgt)
-        sa = F.scaled_dot_product_attention(_heads(q, H), _heads(k, H), _heads(v, H), dropout_p=p)
+        sa = F.scaled_dot_product_attention(_heads(q, H), _heads(k, H), _heads(v, H), attn_mask=self_attn_mask,
+                                            dropout_p=p)
         tgt2 = self.self_attn(_merge(sa))
         _put(rec, "dec_self_attn_out", tgt2)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
@@ -288,7 +292,7 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, refpoints_unsigmoid: Tensor,
                 memory_key_padding_mask: Optional[Tensor], bbox_embed: nn.Module,
-                rec: Rec = None) -> Tuple[Tensor, Tensor]:
+                rec: Rec = None, self_attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``tgt [B,Q,d]``, ``memory``/``pos [B,HW,d]``, ``refpoints_unsigmoid [B,Q,4]`` →
         ``hs [L,B,Q,d]`` (decoder-normed outputs), ``references [L,B,Q,4]`` (float32)."""
         F_ = self.d_model // 2
@@ -316,7 +320,7 @@ class TransformerDecoder(nn.Module):
                     _put(rec, "dec_query_scale_out", pos_scale)
                 _put(rec, "dec_ref_anchor_head_out", ref_hw_logits)
                 _put(rec, "dec_query_sine_embed", qse)
-            output = layer(output, memory, pos, query_pos, qse, memory_key_padding_mask, rec)
+            output = layer(output, memory, pos, query_pos, qse, memory_key_padding_mask, rec, self_attn_mask)
             _put(rec, "dec_layer_out", output)
             # anchor update on the un-normalised output, in float32
             delta = bbox_embed(output).float()
@@ -357,9 +361,11 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(self, src: Tensor, mask: Tensor, refpoint_embed: Tensor, pos_embed: Tensor, bbox_embed: nn.Module,
-                rec: Rec = None) -> Tuple[Tensor, Tensor]:
+                rec: Rec = None, dn=None, return_memory: bool = False):
         """``src``/``pos_embed [B,d,h,w]``, ``mask [B,h,w]``, ``refpoint_embed [nq,4]`` (logits) →
-        ``hs [L,B,Q,d]``, ``references [L,B,Q,4]``."""
+        ``hs [L,B,Q,d]``, ``references [L,B,Q,4]``. ``dn``: optional
+        :class:`~dabdetr.models.denoising.DenoisingQueries`, put before the matching queries (then
+        ``Q = dn.num_queries + nq``). ``return_memory``: also return the encoder output ``[B,HW,d]``."""
         B = src.shape[0]
         src = src.flatten(2).transpose(1, 2)  # [B,HW,d]
         pos = pos_embed.flatten(2).transpose(1, 2)
@@ -376,4 +382,10 @@ class Transformer(nn.Module):
             tgt = memory.new_zeros(B, nq, self.d_model)
             refpoints = refpoint_embed
         refpoints = refpoints[None].expand(B, -1, -1)
-        return self.decoder(tgt, memory, pos, refpoints, key_padding_mask, bbox_embed, rec)
+        attn_mask = None
+        if dn is not None:
+            tgt = torch.cat([dn.content.to(tgt.dtype), tgt], 1)
+            refpoints = torch.cat([dn.anchors.to(refpoints.dtype), refpoints], 1)
+            attn_mask = dn.self_attn_mask
+        hs, references = self.decoder(tgt, memory, pos, refpoints, key_padding_mask, bbox_embed, rec, attn_mask)
+        return (hs, references, memory) if return_memory else (hs, references)
