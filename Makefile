@@ -6,7 +6,7 @@ DEPS = torch ninja pybind11 numpy scipy pillow tqdm pycocotools pytest hypothesi
 STAMP = build/.dabdetr-installed
 SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: setup deps demo train test bench clean
+.PHONY: setup deps demo train test bench bench-model clean
 
 deps:
 	$(PYTHON) -m pip install -q $(DEPS)
@@ -23,8 +23,14 @@ $(STAMP): $(SOURCES)
 
 setup: $(STAMP)
 
-# The main job: a demo of the fused ops, then the op benchmark table (CPU on this machine).
+# The main job: DAB-DETR (the demo preset: tiny model) trained from scratch on the embedded synthetic
+# COCO-format shapes dataset (generated on first use) on the CPU, then the 12 COCO AP/AR numbers
+# and a PNG of predictions on validation images (runs/demo/predictions.png).
 demo: setup
+	$(PYTHON) -m dabdetr train --out runs/demo
+
+# The fused ops' demo (values, gradients, speed, memory), then the op benchmark table.
+ops-demo: setup
 	$(PYTHON) -m dabdetr.demo
 	$(PYTHON) benchmarks/bench_ops.py
 
@@ -39,10 +45,12 @@ test: setup
 bench: setup
 	$(PYTHON) benchmarks/bench_ops.py
 
-# DAB-DETR (tiny preset) trained on the embedded synthetic COCO-format dataset on the CPU, then the
-# AP table and a PNG of predictions in runs/demo/ (work in progress: see README, "Training").
-train: setup
-	$(PYTHON) -m dabdetr train --out runs/demo
+# The whole model (R50, float32 on this machine's default device): train step, inference, memory,
+# FLOPs, breakdown; results in benchmarks/results/model_*.json/.md (see README, "Model benchmarks").
+bench-model: setup
+	$(PYTHON) benchmarks/bench_model.py --case 800x1333:1 --case 512x512:2
+
+train: demo
 
 clean:
 	rm -rf build dabdetr/_C*.so *.egg-info
