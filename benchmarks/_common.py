@@ -587,6 +587,11 @@ def fmt_bytes(n: Optional[float]) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def fmt_x(ratio: Optional[float]) -> str:
+    """A speedup as ``1.23x`` (``—`` when unknown)."""
+    return f"{ratio:.2f}x" if ratio is not None else "—"
+
+
 def log(msg: str) -> None:
     """Progress messages go to stderr so that stdout stays a clean Markdown report."""
     print(msg, file=sys.stderr, flush=True)

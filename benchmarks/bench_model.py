@@ -88,7 +88,9 @@ from torch import Tensor
 
 from benchmarks import _common as C
 
+from dabdetr.engine import _to_float  # the trainer's cast of the model outputs before the loss
 from dabdetr.models import DABDETR, flops, get_preset
+from dabdetr.train_presets import parse_value
 
 DEFAULT_PROVIDERS = ("eager", "fused", "fused+compile")
 OPTIONS = ("compile", "bf16", "cl", "fusedopt")
@@ -202,16 +204,6 @@ def synthetic_batch(case: Case, num_classes: int, device: str, seed: int = 0):
         targets.append({"labels": torch.randint(0, num_classes, (n,), generator=g).to(device),
                         "boxes": torch.cat([cxcy, wh], 1).to(device)})
     return images.to(device), mask.to(device), targets
-
-
-def _to_float(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.float()
-    if isinstance(x, dict):
-        return {k: _to_float(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_float(v) for v in x)
-    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,17 +347,18 @@ class Runner:
         self._mark("step_end")
         return loss.detach()
 
-    def infer(self):
+    def _eval_forward(self) -> Dict[str, Any]:
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            out = self.fwd(self.images, self.mask)
-            sizes = [[self.images.shape[-2], self.images.shape[-1]]] * self.images.shape[0]
-            return self.model.postprocess(out, sizes)
+            return self.fwd(self.images, self.mask)
+
+    def infer(self):
+        out = self._eval_forward()
+        sizes = [[self.images.shape[-2], self.images.shape[-1]]] * self.images.shape[0]
+        return self.model.postprocess(out, sizes)
 
     def eval_outputs(self) -> Dict[str, Tensor]:
-        self.model.eval()
-        with torch.no_grad(), self.autocast():
-            out = self.fwd(self.images, self.mask)
+        out = self._eval_forward()
         return {"pred_logits": out["pred_logits"].float(), "pred_boxes": out["pred_boxes"].float()}
 
     def breakdown_step(self) -> Dict[str, Optional[float]]:
@@ -535,15 +528,16 @@ def _try(res: Dict[str, Any], key: str, fn: Callable[[], Any]) -> Any:
 
 
 def run_case(args, case: Case, providers: List[Provider], base: DABDETR, cfg, recipe, device: str,
-             deadline: Deadline) -> Dict[str, Any]:
+             deadline: Deadline, res: Dict[str, Any], save: Callable[[], None] = lambda: None) -> Dict[str, Any]:
+    """Fills ``res`` with the case's results, calling ``save()`` after each phase (so that a run
+    killed by a time limit leaves its results so far)."""
     timing_kw = dict(iters=args.iters, warmup=0, inner=1)
     batch = synthetic_batch(case, cfg.num_classes, device, args.seed)
     base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    res: Dict[str, Any] = {"case": case.label, "H": case.H, "W": case.W, "B": case.B,
-                           "feature_hw": [feature_size(case.H, base.backbone.stride),
-                                          feature_size(case.W, base.backbone.stride)],
-                           "num_targets": [int(t["labels"].numel()) for t in batch[2]],
-                           "providers": {}}
+    res.update({"case": case.label, "H": case.H, "W": case.W, "B": case.B,
+                "feature_hw": [feature_size(case.H, base.backbone.stride), feature_size(case.W, base.backbone.stride)],
+                "num_targets": [int(t["labels"].numel()) for t in batch[2]],
+                "providers": {}})
     res["flops"] = count_flops(args.preset, cfg, case)
     fl = res["flops"].get("flops")
 
@@ -582,6 +576,7 @@ def run_case(args, case: Case, providers: List[Provider], base: DABDETR, cfg, re
         for r in runners.values():
             r.reset_weights()
 
+    save()
     # train step / inference, round-robin over the providers
     for key, method in (("train_step", "train_step"), ("infer", "infer")):
         if deadline.passed() or not runners:
@@ -610,6 +605,7 @@ def run_case(args, case: Case, providers: List[Provider], base: DABDETR, cfg, re
             if fl:
                 pres["infer_gflops_per_s"] = fl / (ti["median_ms"] / 1e3) / 1e9
 
+    save()
     # breakdown
     if args.breakdown_iters > 0 and runners and not deadline.passed():
         C.log(f"[bench_model] {case.label}: breakdown ({args.breakdown_iters} steps per provider)")
@@ -620,6 +616,7 @@ def run_case(args, case: Case, providers: List[Provider], base: DABDETR, cfg, re
             if steps:
                 res["providers"][n]["breakdown_ms"] = _median_phases(steps)
 
+    save()
     # memory + top ops
     if args.memory and runners and not deadline.passed():
         C.log(f"[bench_model] {case.label}: memory and top ops (one profiled train step / inference per provider)")
@@ -638,6 +635,7 @@ def run_case(args, case: Case, providers: List[Provider], base: DABDETR, cfg, re
             if ti:
                 pres["infer_peak_bytes"] = ti["peak_bytes"]
 
+    save()
     # decoder forward + backward
     if args.decoder and runners and not deadline.passed():
         reset()
@@ -695,10 +693,6 @@ def acceptance(res: Dict[str, Any]) -> Dict[str, Any]:
 # report
 
 
-def _x(v: Optional[float]) -> str:
-    return f"{v:.2f}x" if v is not None else "—"
-
-
 def _ms(t: Optional[dict]) -> str:
     return f"{t['median_ms']:.1f}" if t else "—"
 
@@ -745,13 +739,13 @@ def case_report(res: Dict[str, Any], top_ops: int) -> str:
             why = p.get("skipped") or "; ".join(f"{k}: {v}" for k, v in p.get("errors", {}).items()) or "not run"
             rows.append([n, why] + [""] * (len(headers) - 2))
             continue
-        row = [n, _ms(p.get("train_step")), _iqr(p.get("train_step")), _x(p.get("train_speedup_vs_eager")),
+        row = [n, _ms(p.get("train_step")), _iqr(p.get("train_step")), C.fmt_x(p.get("train_speedup_vs_eager")),
                f"{p['infer_images_per_s']:.2f}" if p.get("infer_images_per_s") else "—",
-               _x(p.get("infer_speedup_vs_eager")), _ms(p.get("decoder_fwd_bwd")),
-               _x(p.get("decoder_speedup_vs_eager")), _mem(p.get("train_peak_bytes")), _mem(p.get("infer_peak_bytes")),
+               C.fmt_x(p.get("infer_speedup_vs_eager")), _ms(p.get("decoder_fwd_bwd")),
+               C.fmt_x(p.get("decoder_speedup_vs_eager")), _mem(p.get("train_peak_bytes")), _mem(p.get("infer_peak_bytes")),
                f"{p['setup_s']:.1f}" if p.get("setup_s") is not None else "—"]
         if any_bf16:
-            row.insert(4, _x(p.get("train_speedup_vs_eager_fp32")))
+            row.insert(4, C.fmt_x(p.get("train_speedup_vs_eager_fp32")))
         rows.append(row)
     lines.append(C.markdown_table(headers, rows, align))
     lines += ["", "'vs eager' = the eager provider of the same precision (eager for float32, eager+bf16 for +bf16) "
@@ -871,17 +865,13 @@ def plot(payload: Dict[str, Any], path: Path) -> Optional[Path]:
 
 
 def _parse_set(items: Sequence[str]) -> Dict[str, Any]:
-    import ast
-
+    """``--set key=value`` items (values parsed as the trainer's ``--set``; ``model.`` prefix optional)."""
     out = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value")
         k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k.strip()] = v
+        out[k.strip().removeprefix("model.")] = parse_value(v)
     return out
 
 
@@ -1000,11 +990,16 @@ def main(argv=None) -> int:
         if deadline.passed():
             payload["cases"].append({"case": case.label, "skipped": "time limit"})
             continue
-        res = run_case(args, case, args.provider_objs, base, cfg, recipe, device, deadline)
+        res: Dict[str, Any] = {"case": case.label}
         payload["cases"].append(res)
-        env["load_average_end"] = C.load_average()
-        if out is not None:
-            C.write_json(out, payload)
+
+        def save():
+            env["load_average_end"] = C.load_average()
+            if out is not None:
+                C.write_json(out, payload)
+
+        run_case(args, case, args.provider_objs, base, cfg, recipe, device, deadline, res, save)
+        save()
     done = [r for r in payload["cases"] if "providers" in r]
     text = report({**payload, "cases": done})
     print(text)

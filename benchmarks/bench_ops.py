@@ -445,10 +445,6 @@ def run_ops(args, device: str, dtype: torch.dtype, timing_kw: dict, peaks: Optio
     return rows
 
 
-def _x(v: Optional[float]) -> str:
-    return f"{v:.2f}x" if v is not None else "—"
-
-
 def _rate(r: dict) -> str:
     """The row's achieved rate in the unit that matters for it: GB/s for the sine ops, GFLOP/s
     (TFLOP/s from 1000 GFLOP/s up) for the attention."""
@@ -474,7 +470,7 @@ def ops_table(rows: List[dict], roofline: bool) -> str:
             continue
         cells = [
             r["op"], r["shape"], r["mode"], r["provider"], f"{r['median_ms']:.4f}", f"{r['iqr_ms']:.4f}",
-            _x(r.get("speedup_vs_eager")), _x(r.get("speedup_vs_compile")),
+            C.fmt_x(r.get("speedup_vs_eager")), C.fmt_x(r.get("speedup_vs_compile")),
         ]
         if roofline:
             pct = r.get("pct_of_peak")
