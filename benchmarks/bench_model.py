@@ -332,7 +332,7 @@ class Runner:
         self.model.train()
         self._mark("step_start")
         with self.autocast():
-            out = self.fwd(self.images, self.mask)
+            out = self.fwd(self.images, self.mask, targets=self.targets)  # as the trainer (query denoising)
         out = _to_float(out)
         self._mark("fwd_end")
         losses = self.criterion(out, self.targets)
