@@ -576,11 +576,18 @@ def run_case(args, case: Case, providers: List[Provider], base: DABDETR, cfg, re
         for r in runners.values():
             r.reset_weights()
 
+    def allowed(phase: str) -> bool:
+        """False (and the phase listed in ``skipped_phases``) once the time limit has passed."""
+        if deadline.passed():
+            res.setdefault("skipped_phases", []).append(phase)
+            return False
+        return True
+
     save()
     # train step / inference, round-robin over the providers
     for key, method in (("train_step", "train_step"), ("infer", "infer")):
-        if deadline.passed() or not runners:
-            break
+        if not runners or not allowed(key):
+            continue
         reset()
         C.log(f"[bench_model] {case.label}: timing {key} ({args.iters} samples x {len(runners)} providers)")
         fns = {n: getattr(r, method) for n, r in runners.items()}
@@ -607,7 +614,7 @@ def run_case(args, case: Case, providers: List[Provider], base: DABDETR, cfg, re
 
     save()
     # breakdown
-    if args.breakdown_iters > 0 and runners and not deadline.passed():
+    if args.breakdown_iters > 0 and runners and allowed("breakdown"):
         C.log(f"[bench_model] {case.label}: breakdown ({args.breakdown_iters} steps per provider)")
         reset()
         for n, r in runners.items():
@@ -618,7 +625,7 @@ def run_case(args, case: Case, providers: List[Provider], base: DABDETR, cfg, re
 
     save()
     # memory + top ops
-    if args.memory and runners and not deadline.passed():
+    if args.memory and runners and allowed("memory"):
         C.log(f"[bench_model] {case.label}: memory and top ops (one profiled train step / inference per provider)")
         reset()
         for n, r in runners.items():
@@ -637,7 +644,7 @@ def run_case(args, case: Case, providers: List[Provider], base: DABDETR, cfg, re
 
     save()
     # decoder forward + backward
-    if args.decoder and runners and not deadline.passed():
+    if args.decoder and runners and allowed("decoder"):
         reset()
         benches = {}
         for n, r in runners.items():
@@ -736,7 +743,9 @@ def case_report(res: Dict[str, Any], top_ops: int) -> str:
     rows = []
     for n, p in P.items():
         if "train_step" not in p and "infer" not in p:
-            why = p.get("skipped") or "; ".join(f"{k}: {v}" for k, v in p.get("errors", {}).items()) or "not run"
+            why = (p.get("skipped") or "; ".join(f"{k}: {v}" for k, v in p.get("errors", {}).items())
+                   or ("set up; " + ", ".join(res["skipped_phases"]) + " skipped (time limit)"
+                       if res.get("skipped_phases") else "not run"))
             rows.append([n, why] + [""] * (len(headers) - 2))
             continue
         row = [n, _ms(p.get("train_step")), _iqr(p.get("train_step")), C.fmt_x(p.get("train_speedup_vs_eager")),
@@ -808,6 +817,9 @@ def report(payload: Dict[str, Any]) -> str:
     if env.get("busy_warning"):
         lines += [f"> warning: {env['busy_warning']}", ""]
     for res in payload["cases"]:
+        if "providers" not in res:
+            lines += [f"### {res['case']}: {res.get('skipped', 'not run')}", ""]
+            continue
         lines += [case_report(res, s["top_ops"]), ""]
     return "\n".join(lines)
 
@@ -1001,7 +1013,7 @@ def main(argv=None) -> int:
         run_case(args, case, args.provider_objs, base, cfg, recipe, device, deadline, res, save)
         save()
     done = [r for r in payload["cases"] if "providers" in r]
-    text = report({**payload, "cases": done})
+    text = report(payload)
     print(text)
     if out is not None:
         C.write_json(out, payload)
