@@ -73,7 +73,7 @@ def _demo() -> TrainConfig:
     return TrainConfig(
         preset="tiny",
         model=dict(num_queries=20, num_select=100, backbone_width=32, dilation=True, dn_groups=5, enc_aux_coef=1.0),
-        lr=2e-4, lr_backbone=1e-3, weight_decay=1e-4, epochs=18, lr_drop=15, clip_max_norm=0.1, batch_size=4,
+        lr=2e-4, lr_backbone=1e-3, weight_decay=1e-4, epochs=22, lr_drop=18, clip_max_norm=0.1, batch_size=4,
         aug_scale=0.2, crop_prob=0.0, val_size=800, max_size=1333, workers=0,
         synthetic_train=800, synthetic_val=120, eval_every=100, checkpoint_every=0, log_every=20,
     )
