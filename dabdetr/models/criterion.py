@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou_pairwise
+from .dense_aux import dense_aux_losses
 from .matcher import HungarianMatcher
 
 __all__ = ["SetCriterion", "sigmoid_focal_loss", "build_criterion"]
@@ -141,8 +142,6 @@ class SetCriterion(nn.Module):
             if outputs.get("dn") is not None:
                 losses.update(self.denoising_losses(outputs["dn"], targets, nb))
             if outputs.get("enc_aux") is not None:
-                from .dense_aux import dense_aux_losses
-
                 losses.update(dense_aux_losses(outputs["enc_aux"], targets, nb))
         # the original's key order: final layer first, then the aux layers
         order = [k for k in losses if not k.rsplit("_", 1)[-1].isdigit()] + \

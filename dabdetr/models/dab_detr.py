@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from .backbone import Backbone, Joiner
 from .box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
+from .denoising import make_denoising_queries
+from .dense_aux import DenseAuxHead
 from .position_encoding import PositionEmbeddingSineHW
 from .presets import DABDETRConfig
 from .transformer import MLP, Transformer
@@ -179,8 +181,6 @@ class DABDETR(nn.Module):
         if c.enc_aux_coef < 0:
             raise ValueError(f"enc_aux_coef must be >= 0, got {c.enc_aux_coef}")
         if c.enc_aux_coef > 0:
-            from .dense_aux import DenseAuxHead
-
             self.enc_aux_head = DenseAuxHead(d, c.num_classes, c.focal_prior_prob)
         else:
             self.enc_aux_head = None
@@ -242,8 +242,6 @@ class DABDETR(nn.Module):
         src = self.input_proj(feat)
         dn = None
         if self.label_enc is not None and self.training and targets is not None:
-            from .denoising import make_denoising_queries
-
             c = self.config
             dn = make_denoising_queries(targets, self.num_queries * max(1, c.num_patterns), self.label_enc,
                                         c.dn_groups, c.dn_label_noise, c.dn_box_noise, c.inverse_sigmoid_eps)

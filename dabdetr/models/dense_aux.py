@@ -22,6 +22,7 @@ inference: a model trained with it is an ordinary DAB-DETR (its state dict has t
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Sequence
 
 import torch
@@ -37,7 +38,7 @@ class DenseAuxHead(nn.Module):
         self.conv = nn.Conv2d(d_model, d_model, 3, padding=1)
         self.cls = nn.Conv2d(d_model, num_classes, 1)
         self.box = nn.Conv2d(d_model, 4, 1)
-        nn.init.constant_(self.cls.bias, -torch.log(torch.tensor((1 - prior_prob) / prior_prob)).item())
+        nn.init.constant_(self.cls.bias, -math.log((1 - prior_prob) / prior_prob))
         nn.init.zeros_(self.box.weight)
         nn.init.zeros_(self.box.bias)
 
