@@ -9,15 +9,20 @@ Usage (from the repository root; also ``dabdetr bench model ...``)::
 
 Providers (``--providers``, comma-separated; ``eager`` is always run, it is the baseline). A provider
 is a base and ``+`` options:
-    eager           ``backend="torch"``: every fused op runs its reference (the original's math).
-    fused           ``backend=None``: the best fused backend for the device (``cpu``, ``cuda`` ...).
+    eager           ``backend="torch"``: the original implementation's formulation — every fused op
+                    runs its reference, frozen BN is the original's ``x * s + b`` after each
+                    convolution, torch's default AdamW (a per-parameter loop on the CPU).
+    fused           ``backend=None``, the library's default settings (what ``dabdetr train`` runs):
+                    the best fused backend for the device (``cpu``, ``cuda`` ...), frozen BN folded
+                    into the convolutions (``backbone.conv_norm``), torch's fused AdamW
+                    (``engine.build_optimizer``).
     +compile        ``torch.compile`` of the model (``dynamic=False``; the fused ops are opaque
                     custom ops in the graph). Compiled and warmed up outside the timed region
                     (``setup_s`` in the JSON).
     +bf16           ``torch.autocast(dtype=bfloat16)`` around the forward (the loss in float32, as
                     the trainer does).
     +cl             channels_last model and images (the backbone's convolutions).
-    +fusedopt       ``AdamW(fused=True)`` instead of the default (for-each / for-loop) AdamW.
+    +fusedopt       ``AdamW(fused=True)`` (already the default of ``fused``; changes ``eager``).
 Default: eager, fused, fused+compile, and with ``--bf16`` (default on CUDA, off on the CPU) each of
 them +bf16. Every provider starts from the same weights (one model is built, each provider gets a
 copy, and its weights are reset from that state dict before each measurement).
@@ -312,7 +317,10 @@ class Runner:
         self.criterion = model.build_criterion()
         self.clip = recipe.clip_max_norm
         self.params = [p for p in model.parameters() if p.requires_grad]
-        kw = {"fused": True} if prov.fused_optimizer else {}
+        # eager: the original's optimizer (torch's default AdamW: a per-parameter loop on the CPU);
+        # fused: what `dabdetr train` uses by default (engine.build_optimizer: torch's fused AdamW);
+        # +fusedopt forces the fused AdamW on either.
+        kw = {"fused": True} if (prov.fused_optimizer or prov.backend != "torch") else {}
         self.opt = torch.optim.AdamW(model.param_groups(recipe.lr, recipe.lr_backbone, recipe.weight_decay),
                                      lr=recipe.lr, weight_decay=recipe.weight_decay, **kw)
         self.timer: Optional[PhaseTimer] = None

@@ -259,6 +259,50 @@ def test_backbone_width():
         resnet("resnet18", width=0)
 
 
+@pytest.mark.parametrize("name,dilation", [("resnet18", False), ("resnet50", True)])
+def test_frozen_bn_folding_matches_the_original_formulation(name, dilation, gen):
+    """Fused backends fold frozen BN into the convolutions (backbone.conv_norm); backend="torch"
+    keeps the original's conv -> x*s+b. Same outputs and gradients, random BN statistics."""
+    from dabdetr.models.backbone import FrozenBatchNorm2d
+
+    body = resnet(name, dilation=dilation, width=8)
+    for m in body.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.uniform_(0.5, 1.5, generator=gen)
+            m.bias.normal_(generator=gen)
+            m.running_mean.normal_(generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+    x = torch.randn(2, 3, 48, 64, generator=gen)
+    res = {}
+    for backend in ("torch", "cpu"):
+        body.set_backend(backend)
+        body.zero_grad(set_to_none=True)
+        y = body(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        res[backend] = (y.detach(), {n: p.grad.clone() for n, p in body.named_parameters()})
+    (ya, ga), (yb, gb) = res["torch"], res["cpu"]
+    assert ((ya - yb).abs().max() / ya.abs().max()).item() < 1e-5
+    for n in ga:
+        scale = ga[n].abs().max().clamp_min(1e-12)
+        assert ((ga[n] - gb[n]).abs().max() / scale).item() < 1e-4, n
+    # the fold only happens outside backend="torch", and not for trainable batch norm
+    assert all(b.backend == "cpu" for b in body.modules() if hasattr(b, "backend"))
+    bn = resnet("resnet18", norm="batch", width=8)
+    bn.set_backend("cpu")
+    bn.eval()
+    ref = bn(x)
+    bn.set_backend("torch")
+    assert torch.equal(ref, bn(x))
+
+
+def test_model_backend_reaches_the_backbone():
+    m = DABDETR(small_config(), backend="torch")
+    blocks = [b for b in m.backbone.modules() if hasattr(b, "backend")]
+    assert blocks and all(b.backend == "torch" for b in blocks)
+    m.set_backend(None)
+    assert all(b.backend is None for b in blocks)
+
+
 def test_backbone_trainable_rule_and_torchvision_names():
     bb = Backbone("resnet18", train_backbone=True)
     trainable = {n.split(".")[0] for n, p in bb.body.named_parameters() if p.requires_grad}

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "FrozenBatchNorm2d",
+    "conv_norm",
     "BasicBlock",
     "Bottleneck",
     "ResNet",
@@ -51,9 +52,13 @@ class FrozenBatchNorm2d(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def scale_bias(self) -> Tuple[Tensor, Tensor]:
+        """``(s, b - mean * s)``: the per-channel affine map this layer applies."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
-        bias = self.bias - self.running_mean * scale
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, bias = self.scale_bias()
         return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + bias.reshape(1, -1, 1, 1).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -66,6 +71,29 @@ def _norm_factory(kind: str, eps: float):
     if kind == "batch":
         return lambda c: nn.BatchNorm2d(c, eps=eps)
     raise ValueError(f"backbone norm must be 'frozen' or 'batch', got {kind!r}")
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool) -> Tensor:
+    """``norm(conv(x))``. With ``fold`` and a :class:`FrozenBatchNorm2d`, the frozen affine map is
+    folded into the convolution instead: ``conv(x, W * s) + (b - mean * s)``, the same function
+    (float rounding aside) in one pass over the activation instead of three (the convolution's
+    output, then the multiply and the add of the original's FrozenBatchNorm2d, each a full read and
+    write; one more pass in the backward). The gradient still reaches ``conv.weight`` (through
+    ``W * s``)."""
+    if not (fold and isinstance(norm, FrozenBatchNorm2d)):
+        return norm(conv(x))
+    scale, bias = norm.scale_bias()
+    w = conv.weight
+    return F.conv2d(x, w * scale.to(w.dtype).reshape(-1, 1, 1, 1), bias.to(w.dtype), conv.stride, conv.padding,
+                    conv.dilation, conv.groups)
+
+
+def _downsample(ds: Optional[nn.Module], x: Tensor, fold: bool) -> Tensor:
+    if ds is None:
+        return x
+    if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d):
+        return conv_norm(ds[0], ds[1], x, fold)
+    return ds(x)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -91,11 +119,13 @@ class BasicBlock(nn.Module):
         self.bn2 = norm(planes)
         self.downsample = downsample
         self.stride = stride
+        self.backend: Optional[str] = None  # "torch": the original's unfolded frozen BN (see conv_norm)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        fold = self.backend != "torch"
+        identity = _downsample(self.downsample, x, fold)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x, fold))
+        out = conv_norm(self.conv2, self.bn2, out, fold)
         return self.relu(out + identity)
 
 
@@ -116,12 +146,14 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
+        self.backend: Optional[str] = None  # "torch": the original's unfolded frozen BN (see conv_norm)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        fold = self.backend != "torch"
+        identity = _downsample(self.downsample, x, fold)
+        out = self.relu(conv_norm(self.conv1, self.bn1, x, fold))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out, fold))
+        out = conv_norm(self.conv3, self.bn3, out, fold)
         return self.relu(out + identity)
 
 
@@ -162,6 +194,10 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2, dilate=dilation)
         self.num_channels = 8 * width * block.expansion
         self.stride = 16 if dilation else 32
+        # ``backend`` (set for the whole model by DABDETR.set_backend): "torch" keeps the original's
+        # frozen-BN formulation (the eager baseline); any other value folds frozen BN into the
+        # preceding convolution (conv_norm).
+        self.backend: Optional[str] = None
         self._init_weights()
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
@@ -187,8 +223,13 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def set_backend(self, backend: Optional[str]) -> None:
+        for m in self.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+
     def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x, self.backend != "torch")))
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
