@@ -69,6 +69,19 @@ def _heads(x: Tensor, nhead: int) -> Tensor:
     return x.view(B, N, nhead, C // nhead).transpose(1, 2)
 
 
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float) -> Tensor:
+    """``F.scaled_dot_product_attention`` on ``[B, H, N, d]``; on the CPU, half-precision inputs
+    (autocast) are computed in float32 and cast back: torch's CPU flash-attention backward in
+    bfloat16 is ~5x slower than in float32 (23 vs 5 ms per demo step on a 2-core Zen 4), and the
+    float32 result is the more accurate one."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the float32 inputs back
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                 dropout_p=dropout_p)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
 def _merge(x: Tensor) -> Tensor:
     """``[B, H, N, d]`` → ``[B, N, H*d]``."""
     B, H, N, d = x.shape
@@ -97,9 +110,8 @@ class EncoderSelfAttention(nn.Module):
         k = F.linear(qk, w[d:2 * d], b[d:2 * d])
         v = F.linear(v, w[2 * d:], b[2 * d:])
         attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            _heads(q, self.nhead), _heads(k, self.nhead), _heads(v, self.nhead), attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0)
+        out = _sdpa(_heads(q, self.nhead), _heads(k, self.nhead), _heads(v, self.nhead), attn_mask,
+                    self.dropout if self.training else 0.0)
         return self.out_proj(_merge(out))
 
 
@@ -214,8 +226,7 @@ class TransformerDecoderLayer(nn.Module):
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
         v = self.sa_v_proj(tgt)
-        sa = F.scaled_dot_product_attention(_heads(q, H), _heads(k, H), _heads(v, H), attn_mask=self_attn_mask,
-                                            dropout_p=p)
+        sa = _sdpa(_heads(q, H), _heads(k, H), _heads(v, H), self_attn_mask, p)
         tgt2 = self.self_attn(_merge(sa))
         _put(rec, "dec_self_attn_out", tgt2)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
