@@ -105,7 +105,12 @@ def _to_float(outputs: Any) -> Any:
 def build_optimizer(model: torch.nn.Module, lr: float, lr_backbone: float, weight_decay: float,
                     kind: str = "adamw") -> torch.optim.Optimizer:
     """AdamW with the original's two parameter groups (``backbone.*`` at ``lr_backbone``);
-    ``kind="sgd"``: plain SGD (same groups, no momentum; used by the DDP equivalence test)."""
+    ``kind="sgd"``: plain SGD (same groups, no momentum; used by the DDP equivalence test).
+
+    ``"adamw"`` is torch's fused AdamW (one kernel over all parameters: on the 2-core CPU 7 ms
+    instead of 20 ms per step for 7M parameters with the default per-parameter loop) when every
+    parameter is on a device it supports; ``"adamw_loop"`` forces the default implementation (the
+    same update up to float rounding)."""
     from .checkpointing import unwrap
 
     m = unwrap(model)
@@ -113,7 +118,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, lr_backbone: float, weigh
     rest = [p for n, p in m.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
     groups = [{"params": rest, "lr": lr}, {"params": bb, "lr": lr_backbone}]
     if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        devices = {p.device.type for p in bb + rest}
+        fused = bool(devices) and devices <= {"cpu", "cuda"} and all(p.dtype.is_floating_point for p in bb + rest)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    if kind == "adamw_loop":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=False)
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr)
     raise ValueError(f"unknown optimizer {kind!r}")
@@ -366,7 +375,7 @@ def fit(cfg, paths: Dict[str, str], out_dir: str, resume: Optional[str] = None, 
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
     train_loader = build_loader(train_ds, local_bs, shuffle=True, seed=cfg.seed, num_workers=cfg.workers,
-                                num_replicas=world, rank=rank) if train_ds else None
+                                num_replicas=world, rank=rank, group_batches=cfg.group_batches) if train_ds else None
     val_loader = build_loader(val_ds, max(1, cfg.eval_batch_size // world), shuffle=False, num_workers=cfg.workers,
                               num_replicas=world, rank=rank) if val_ds else None
     log = JsonLogger(os.path.join(out_dir, "log.jsonl"))

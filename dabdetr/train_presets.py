@@ -38,6 +38,9 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16
     seed: int = 42
     workers: int = 2
+    # batches of similar image shapes (EpochSampler): sort pools of this many global batches by
+    # the images' planned shapes, then shuffle the batches (0: off, the original's plain batches)
+    group_batches: int = 0
     threads: int = 0  # torch threads (0: torch's default)
     # augmentation: the original recipe with every size times aug_scale
     aug_scale: float = 1.0

@@ -225,3 +225,82 @@ def test_sampler_shards_global_batches_and_resumes():
     other = EpochSampler(10, 4, shuffle=True, seed=1)
     other.set_epoch(3)
     assert [i for i, _ in other] != [i for i, _ in one]
+
+
+def test_planned_size_matches_the_transformed_image(shapes):
+    """CocoDetection.planned_size (the transforms' ``plan``, no pixels) gives the size of the image
+    the dataset returns, for the full train recipe (flip, resize, the resize-crop-resize branch)."""
+    root, ann = shapes
+    ds = CocoDetection(os.path.join(root, "train"), ann, detr_train_transforms(scale=0.25, crop_prob=0.5))
+    rng = random.Random(0)
+    for _ in range(40):
+        item = (rng.randrange(len(ds)), rng.randrange(10**9))
+        assert ds.planned_size(*item) == tuple(ds[item][0].shape[1:])
+    val = CocoDetection(os.path.join(root, "train"), ann, detr_val_transforms(scale=0.25))
+    assert val.planned_size(3, 0) == tuple(val[(3, 0)][0].shape[1:])
+
+
+def _shape_sampler(sizes, bs, group, **kw):
+    return EpochSampler(len(sizes), bs, shuffle=True, seed=4, group_batches=group,
+                        size_fn=(lambda i, s: sizes[i]) if group else None, **kw)
+
+
+def _computed_pixels(items, sizes, bs):
+    total = 0
+    for k in range(0, len(items), bs):
+        b = [sizes[i] for i, _ in items[k: k + bs]]
+        total += len(b) * max(h for h, _ in b) * max(w for _, w in b)
+    return total
+
+
+def test_size_grouped_batches_same_items_less_padding_exact_resume_and_ddp_split():
+    g = random.Random(7)
+    sizes = [(g.randint(60, 200), g.randint(60, 200)) for _ in range(90)]
+    plain, grouped = _shape_sampler(sizes, 4, 0), _shape_sampler(sizes, 4, 100)
+    for s in (plain, grouped):
+        s.set_epoch(5)
+    a, b = list(plain), list(grouped)
+    # the same (index, augmentation seed) pairs, in batches of similar shapes
+    assert sorted(a) == sorted(b) and a != b and len(b) == 90 and grouped.num_batches() == plain.num_batches() == 23
+    assert _computed_pixels(b, sizes, 4) < 0.8 * _computed_pixels(a, sizes, 4)
+    assert len(b[88:]) == 2 and sorted(b[88:]) == sorted(b[-2:])  # the partial batch stays last
+    # deterministic per (seed, epoch), different across epochs; exact mid-epoch resume
+    again = _shape_sampler(sizes, 4, 100)
+    again.set_epoch(5, start_batch=3)
+    assert list(again) == b[12:]
+    other = _shape_sampler(sizes, 4, 100)
+    other.set_epoch(6)
+    assert list(other) != b
+    # pools: sorting happens within pools of `group_batches` global batches
+    pooled = _shape_sampler(sizes, 4, 2)
+    pooled.set_epoch(5)
+    pb = list(pooled)
+    assert sorted(pb[:8]) == sorted(a[:8])
+    # DDP: the ranks split each grouped global batch as a single process with the global batch sees it
+    # (88 images: no DDP padding, which would add items to the pools)
+    sizes = sizes[:88]
+    ranks = [_shape_sampler(sizes, 2, 100, num_replicas=2, rank=r) for r in range(2)]
+    single = _shape_sampler(sizes, 4, 100)
+    for s in ranks + [single]:
+        s.set_epoch(1)
+    one, per = list(single), [list(s) for s in ranks]
+    for k in range(22):
+        assert sorted(one[4 * k: 4 * k + 4]) == sorted(per[0][2 * k: 2 * k + 2] + per[1][2 * k: 2 * k + 2])
+    with pytest.raises(ValueError, match="size_fn"):
+        EpochSampler(10, 2, group_batches=3)
+    with pytest.raises(ValueError, match="group_batches"):
+        EpochSampler(10, 2, group_batches=-1, size_fn=lambda i, s: (1, 1))
+
+
+def test_build_loader_grouping_needs_planned_sizes():
+    from dabdetr.data import build_loader
+
+    class NoPlan(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 2, 2), {}
+
+    with pytest.raises(ValueError, match="planned_size"):
+        build_loader(NoPlan(), 2, shuffle=True, group_batches=10)

@@ -106,6 +106,18 @@ class Compose:
             image, target = t(image, target, rng)
         return image, target
 
+    def plan(self, size_wh: Tuple[int, int], rng: random.Random) -> Optional[Tuple[int, int]]:
+        """The ``(width, height)`` this pipeline gives an image of ``size_wh`` with this ``rng``,
+        without touching pixels (the same random draws as a call); None when a transform cannot
+        tell."""
+        for t in self.transforms:
+            if not hasattr(t, "plan"):
+                return None
+            size_wh = t.plan(size_wh, rng)
+            if size_wh is None:
+                return None
+        return size_wh
+
     def __repr__(self) -> str:
         return "Compose(" + ", ".join(repr(t) for t in self.transforms) + ")"
 
@@ -119,6 +131,10 @@ class RandomHorizontalFlip:
             return hflip(image, target)
         return image, target
 
+    def plan(self, size_wh, rng):
+        rng.random()
+        return size_wh
+
     def __repr__(self):
         return f"RandomHorizontalFlip({self.p})"
 
@@ -131,6 +147,10 @@ class RandomResize:
 
     def __call__(self, image, target, rng):
         return resize(image, target, rng.choice(self.sizes), self.max_size)
+
+    def plan(self, size_wh, rng):
+        h, w = _output_size(size_wh, rng.choice(self.sizes), self.max_size)
+        return w, h
 
     def __repr__(self):
         return f"RandomResize({self.sizes}, max_size={self.max_size})"
@@ -150,6 +170,14 @@ class RandomSizeCrop:
         left = rng.randint(0, W - w)
         return crop(image, target, (top, left, h, w))
 
+    def plan(self, size_wh, rng):
+        W, H = size_wh
+        w = rng.randint(min(self.min_size, W), min(W, self.max_size))
+        h = rng.randint(min(self.min_size, H), min(H, self.max_size))
+        rng.randint(0, H - h)
+        rng.randint(0, W - w)
+        return w, h
+
     def __repr__(self):
         return f"RandomSizeCrop({self.min_size}, {self.max_size})"
 
@@ -163,6 +191,10 @@ class RandomSelect:
     def __call__(self, image, target, rng):
         return self.t1(image, target, rng) if rng.random() < self.p else self.t2(image, target, rng)
 
+    def plan(self, size_wh, rng):
+        t = self.t1 if rng.random() < self.p else self.t2
+        return t.plan(size_wh, rng) if hasattr(t, "plan") else None
+
     def __repr__(self):
         return f"RandomSelect({self.t1!r}, {self.t2!r}, p={self.p})"
 
@@ -173,6 +205,9 @@ class Normalize:
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def plan(self, size_wh, rng=None):
+        return size_wh
 
     def __call__(self, image, target, rng=None):
         arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
