@@ -163,16 +163,66 @@ def _reduce_mean(values: Dict[str, float], device) -> Dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+class LRSchedule:
+    """The learning-rate factor of optimizer step ``n`` (a ``LambdaLR`` lambda, stepped after every
+    optimizer step; its fields travel with the scheduler's ``state_dict``, so resume restores them,
+    including an epoch count chosen by the time budget).
+
+    ``kind="step"``: the original's ``StepLR`` (``gamma`` every ``lr_drop`` epochs).
+    ``kind="cosine"``: half a cosine from 1 to ``min_ratio`` over the planned ``epochs``.
+    Both after a linear warm-up over the first ``warmup`` steps (0: none)."""
+
+    def __init__(self, kind: str, steps_per_epoch: int, epochs: int, lr_drop: int, gamma: float = 0.1,
+                 warmup: int = 0, min_ratio: float = 0.0):
+        if kind not in ("step", "cosine"):
+            raise ValueError(f"lr_schedule must be 'step' or 'cosine', got {kind!r}")
+        if steps_per_epoch < 1 or epochs < 1:
+            raise ValueError(f"steps_per_epoch and epochs must be >= 1, got {steps_per_epoch}, {epochs}")
+        self.kind, self.steps_per_epoch, self.epochs = kind, int(steps_per_epoch), int(epochs)
+        self.lr_drop, self.gamma, self.warmup, self.min_ratio = max(1, int(lr_drop)), gamma, int(warmup), min_ratio
+        self.spent_s = 0.0  # training time so far (the fit loop's bookkeeping for a time budget)
+
+    def set_epochs(self, epochs: int, lr_drop: int) -> None:
+        self.epochs, self.lr_drop = max(1, int(epochs)), max(1, int(lr_drop))
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        if self.kind == "step":
+            return warm * self.gamma ** ((step // self.steps_per_epoch) // self.lr_drop)
+        total = max(1, self.epochs * self.steps_per_epoch - 1)
+        p = min(1.0, step / total)
+        return warm * (self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-optimizer-step ``LambdaLR`` over :class:`LRSchedule` (from ``cfg``: ``lr_schedule``,
+    ``epochs``, ``lr_drop``, ``lr_gamma``, ``warmup_iters``, ``lr_min_ratio``)."""
+    fn = LRSchedule(cfg.lr_schedule, steps_per_epoch, cfg.epochs, cfg.lr_drop, cfg.lr_gamma, cfg.warmup_iters,
+                    cfg.lr_min_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def plan_epochs(budget_s: float, elapsed_s: float, epochs_done: int, planned: int) -> int:
+    """The number of epochs that fits a training time budget: after ``epochs_done`` epochs took
+    ``elapsed_s`` in all, at most ``planned`` (never more), at least ``epochs_done`` (one more when
+    none is done), assuming the next epochs take the mean time of those done."""
+    if epochs_done <= 0:
+        return planned
+    per = elapsed_s / epochs_done
+    fit = epochs_done + int(max(0.0, budget_s - elapsed_s) // max(per, 1e-9))
+    return max(epochs_done, min(planned, fit))
+
+
 # ------------------------------------------------------------------------------------ training
 def train_one_epoch(model: torch.nn.Module, criterion, loader, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, *, scaler=None, amp: Optional[str] = None,
                     clip_max_norm: float = 0.1, accum_steps: int = 1, start_iter: int = 0,
                     on_step: Optional[Callable[[int], None]] = None, progress: bool = True,
                     log: Optional[JsonLogger] = None, log_every: int = 0, max_iters: Optional[int] = None,
-                    total_iters: Optional[int] = None) -> Dict[str, float]:
-    """One epoch (from batch ``start_iter`` when resuming). ``on_step(next_iter)`` is called after
-    every optimizer step (for checkpoints every N iterations). Returns the mean of each logged loss
-    over the epoch (averaged over ranks)."""
+                    total_iters: Optional[int] = None, scheduler=None) -> Dict[str, float]:
+    """One epoch (from batch ``start_iter`` when resuming). ``scheduler.step()`` (if given) follows
+    every optimizer step; then ``on_step(next_iter)`` is called (for checkpoints every N
+    iterations). Returns the mean of each logged loss over the epoch (averaged over ranks)."""
     from tqdm import tqdm
 
     model.train()
@@ -225,6 +275,8 @@ def train_one_epoch(model: torch.nn.Module, criterion, loader, optimizer: torch.
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
         it += 1
         record = {k: v.item() for k, v in losses.items() if k in criterion.weight_dict and not k[-1].isdigit()}
         record["loss"] = loss.item()
@@ -359,9 +411,17 @@ def fit(cfg, paths: Dict[str, str], out_dir: str, resume: Optional[str] = None, 
     if cfg.model:
         model_cfg = model_cfg.replace(**cfg.model)
     model = DABDETR(model_cfg).to(dev)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     criterion = model.build_criterion()
     optimizer = build_optimizer(model, cfg.lr, cfg.lr_backbone, cfg.weight_decay, cfg.optimizer)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_drop, gamma=cfg.lr_gamma)
+    train_loader = build_loader(train_ds, local_bs, shuffle=True, seed=cfg.seed, num_workers=cfg.workers,
+                                num_replicas=world, rank=rank, group_batches=cfg.group_batches) if train_ds else None
+    val_loader = build_loader(val_ds, max(1, cfg.eval_batch_size // world), shuffle=False, num_workers=cfg.workers,
+                              num_replicas=world, rank=rank) if val_ds else None
+    steps_per_epoch = math.ceil(train_loader.epoch_sampler.num_batches() / cfg.accum_steps) if train_loader else 1
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
+    schedule: LRSchedule = scheduler.lr_lambdas[0]
     scaler = make_scaler(dev, cfg.amp)
     start_epoch, start_iter = 0, 0
     if resume:
@@ -374,10 +434,6 @@ def fit(cfg, paths: Dict[str, str], out_dir: str, resume: Optional[str] = None, 
     if distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    train_loader = build_loader(train_ds, local_bs, shuffle=True, seed=cfg.seed, num_workers=cfg.workers,
-                                num_replicas=world, rank=rank, group_batches=cfg.group_batches) if train_ds else None
-    val_loader = build_loader(val_ds, max(1, cfg.eval_batch_size // world), shuffle=False, num_workers=cfg.workers,
-                              num_replicas=world, rank=rank) if val_ds else None
     log = JsonLogger(os.path.join(out_dir, "log.jsonl"))
     ckpt_path = os.path.join(out_dir, "checkpoint.pth")
     settings = cfg.to_dict()
@@ -385,7 +441,7 @@ def fit(cfg, paths: Dict[str, str], out_dir: str, resume: Optional[str] = None, 
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"training {cfg.preset} ({n_params / 1e6:.2f}M trainable parameters) on {len(train_ds) if train_ds else 0} "
         f"images, {world} process(es), device {dev}, global batch {cfg.batch_size} x {cfg.accum_steps} accumulation, "
-        f"amp {cfg.amp}; epochs {start_epoch}..{cfg.epochs - 1}")
+        f"amp {cfg.amp}; epochs {start_epoch}..{schedule.epochs - 1}")
     log(type="start", config=settings, world_size=world, start_epoch=start_epoch, start_iter=start_iter)
     kill_at = os.environ.get("DABDETR_DEBUG_KILL_AT_ITER")  # test hook "epoch:iter": SIGKILL there
 
@@ -395,7 +451,13 @@ def fit(cfg, paths: Dict[str, str], out_dir: str, resume: Optional[str] = None, 
 
     result: Dict[str, Any] = {"out_dir": out_dir, "eval": None}
     t_start = time.time()
-    for epoch in range(start_epoch, cfg.epochs):
+    budget_s = 60.0 * cfg.time_budget_min
+    if budget_s > 0 and start_epoch == 0 and start_iter == 0:
+        say(f"time budget {cfg.time_budget_min:g} min: the number of epochs (at most {cfg.epochs}) is set "
+            f"from the measured epoch times")
+    epoch = start_epoch
+    while epoch < schedule.epochs:
+        t_epoch = time.time()
         train_loader.epoch_sampler.set_epoch(epoch, start_iter)
         total = train_loader.epoch_sampler.num_batches()
 
@@ -410,12 +472,23 @@ def fit(cfg, paths: Dict[str, str], out_dir: str, resume: Optional[str] = None, 
         stats = train_one_epoch(ddp_model, criterion, train_loader, optimizer, dev, epoch, scaler=scaler, amp=cfg.amp,
                                 clip_max_norm=cfg.clip_max_norm, accum_steps=cfg.accum_steps, start_iter=start_iter,
                                 on_step=on_step, progress=progress, log=log, log_every=cfg.log_every,
-                                total_iters=total, max_iters=max_iters_per_epoch)
+                                total_iters=total, max_iters=max_iters_per_epoch, scheduler=scheduler)
         start_iter = 0
-        scheduler.step()
+        schedule.spent_s += time.time() - t_epoch
+        if budget_s > 0:
+            # shorten the plan (never lengthen it) so that the epochs left fit the budget: the same
+            # decision on every rank (rank 0's clock), saved with the scheduler (resume keeps it)
+            spent = torch.tensor([schedule.spent_s], dtype=torch.float64, device=dev)
+            if distributed:
+                dist.broadcast(spent, 0)
+            planned = plan_epochs(budget_s, float(spent), epoch + 1, schedule.epochs)
+            if planned != schedule.epochs:
+                say(f"time budget: {planned} epochs instead of {schedule.epochs} "
+                    f"({float(spent) / (epoch + 1):.0f} s per epoch)")
+                schedule.set_epochs(planned, round(cfg.lr_drop * planned / cfg.epochs))
         save(epoch + 1, 0)
         record = {"type": "epoch", "epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
-        last = epoch == cfg.epochs - 1
+        last = epoch == schedule.epochs - 1
         if val_loader is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             ev = evaluate(ddp_model, val_loader, dev, amp=cfg.amp, progress=progress)
             if main:
@@ -426,7 +499,8 @@ def fit(cfg, paths: Dict[str, str], out_dir: str, resume: Optional[str] = None, 
         say(f"epoch {epoch}: loss {stats.get('loss', float('nan')):.4f}, lr {stats['lr']:.2e}, "
             f"{stats['epoch_time_s']:.0f} s" + (f", val AP {record['val_AP']:.3f}, AP50 {record['val_AP50']:.3f}"
                                                 if "val_AP" in record else ""))
-    if result["eval"] is None and val_loader is not None and start_epoch >= cfg.epochs:
+        epoch += 1
+    if result["eval"] is None and val_loader is not None and start_epoch >= schedule.epochs:
         ev = evaluate(ddp_model, val_loader, dev, amp=cfg.amp, progress=progress)
         result["eval"] = ev if main else None
     if main and result["eval"] is not None:

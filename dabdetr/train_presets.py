@@ -31,6 +31,17 @@ class TrainConfig:
     epochs: int = 50
     lr_drop: int = 40
     lr_gamma: float = 0.1
+    # "step": the original's StepLR (x lr_gamma every lr_drop epochs); "cosine": half a cosine from lr
+    # to lr * lr_min_ratio over the epochs; both stepped per optimizer step, after warmup_iters of
+    # linear warm-up
+    lr_schedule: str = "step"
+    lr_min_ratio: float = 0.0
+    warmup_iters: int = 0
+    # > 0: a training time budget in minutes: after each epoch the number of epochs (at most
+    # `epochs`) is lowered so that the rest fits, from the mean epoch time so far (lr_drop and the
+    # cosine scale with it); the plan is saved in the checkpoint, so resume keeps it
+    time_budget_min: float = 0.0
+    channels_last: bool = False  # channels-last model and images (faster convolutions with oneDNN)
     clip_max_norm: float = 0.1
     batch_size: int = 16  # global (all processes, before accumulation)
     optimizer: str = "adamw"
@@ -71,13 +82,16 @@ def _demo() -> TrainConfig:
     # The tiny model made cheaper and easier to train from scratch on a 2-core CPU: a half-width
     # ResNet-18 with DC5 (stride 16; ~24 images/s for forward+backward at these sizes), 20 queries,
     # query denoising (5 groups) and the dense auxiliary loss on the encoder (training-only aids,
-    # see dabdetr.models.denoising / dense_aux), a higher learning rate (1e-3) for the from-scratch
-    # backbone (3e-4 for the rest). ~45 s per epoch of 800 images on a 2-core CPU.
+    # see dabdetr.models.denoising / dense_aux), a higher learning rate (1.4e-3) for the from-scratch
+    # backbone (4.2e-4 for the rest: 3e-4 at batch 4 times sqrt 2), batches of similar image shapes
+    # (group_batches: 8% padding instead of 36%). Batch 8 learns as much per epoch as batch 4 here
+    # (AP50 0.366 vs 0.367 after 20 epochs) at ~38 instead of ~49 ms per image on a 2-core CPU.
     return TrainConfig(
         preset="tiny",
         model=dict(num_queries=20, num_select=100, backbone_width=32, dilation=True, dn_groups=5, enc_aux_coef=1.0),
-        lr=3e-4, lr_backbone=1e-3, weight_decay=1e-4, epochs=22, lr_drop=18, clip_max_norm=0.1, batch_size=4,
-        aug_scale=0.2, crop_prob=0.0, val_size=800, max_size=1333, workers=0,
+        lr=4.2e-4, lr_backbone=1.4e-3, weight_decay=1e-4, epochs=40, lr_drop=34, clip_max_norm=0.1, batch_size=8,
+        lr_schedule="cosine", lr_min_ratio=0.02, warmup_iters=100, time_budget_min=15.0, channels_last=True,
+        aug_scale=0.2, crop_prob=0.0, val_size=800, max_size=1333, workers=0, group_batches=1000,
         synthetic_train=800, synthetic_val=120, eval_every=100, checkpoint_every=0, log_every=20,
     )
 

@@ -4,6 +4,7 @@ checkpoints, COCO evaluation, atomic checkpoints and the pictures."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -171,3 +172,62 @@ def test_visualize_detections_and_attention(shapes, tmp_path):
     assert drawn.size == img.size and drawn.getpixel((2, 15)) != img.getpixel((2, 15))
     fig = attention_figure(img, [2, 2, 30, 30], 1, 0.8, maps["positional"][0], maps["full"][0])
     assert fig.size[0] > 3 * img.size[0]
+
+
+def test_lr_schedule_step_cosine_warmup_and_state():
+    from dabdetr.engine import LRSchedule, plan_epochs
+
+    # "step" per optimizer step gives StepLR's per-epoch factors
+    step = LRSchedule("step", steps_per_epoch=5, epochs=6, lr_drop=2, gamma=0.1)
+    assert [step(n) for n in (0, 4, 5, 9, 10, 19, 20, 29)] == pytest.approx([1, 1, 1, 1, .1, .1, .01, .01])
+    cos = LRSchedule("cosine", steps_per_epoch=10, epochs=3, lr_drop=1, warmup=4, min_ratio=0.05)
+    expect = [min(1, (n + 1) / 4) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * n / 29))) for n in range(30)]
+    assert [cos(n) for n in range(30)] == pytest.approx(expect, rel=1e-12)
+    assert cos(0) == pytest.approx(0.25)
+    assert cos(29) == pytest.approx(0.05) and cos(100) == pytest.approx(0.05)
+    vals = [cos(n) for n in range(3, 30)]
+    assert all(a > b for a, b in zip(vals, vals[1:]))
+    assert cos(14.5) == pytest.approx(0.05 + 0.95 * 0.5)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        LRSchedule("linear", 5, 2, 1)
+    # LambdaLR saves the schedule's fields (a changed plan survives a resume)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule("cosine", 10, 8, 6))
+    sch.lr_lambdas[0].set_epochs(3, 2)
+    for _ in range(7):
+        opt.step()
+        sch.step()
+    state = sch.state_dict()
+    opt2 = torch.optim.SGD([p], lr=1.0)
+    sch2 = torch.optim.lr_scheduler.LambdaLR(opt2, LRSchedule("cosine", 10, 8, 6))
+    sch2.load_state_dict(state)
+    assert sch2.lr_lambdas[0].epochs == 3 and sch2.lr_lambdas[0].lr_drop == 2 and sch2.last_epoch == 7
+    # the time-budget plan: never longer than planned, never shorter than what is done
+    assert plan_epochs(100.0, 10.0, 1, 50) == 10
+    assert plan_epochs(100.0, 10.0, 1, 6) == 6
+    assert plan_epochs(100.0, 95.0, 3, 20) == 3
+    assert plan_epochs(100.0, 250.0, 5, 20) == 5
+    assert plan_epochs(100.0, 0.0, 0, 20) == 20
+
+
+def test_time_budget_shortens_the_run_and_resume_keeps_the_plan(tmp_path):
+    from dabdetr.cli import main as cli_main
+
+    args = ["train", "--synthetic-dir", str(tmp_path / "shapes"), "--out", str(tmp_path / "run"), "--no-progress",
+            "--vis", "0"]
+    for s in ["synthetic_train=4", "synthetic_val=2", "epochs=4", "lr_drop=3", "batch_size=2", "threads=1",
+              "aug_scale=0.2", "time_budget_min=1e-5", "lr_schedule=cosine", "warmup_iters=1", "workers=0",
+              "channels_last=true", "model.hidden_dim=32", "model.nheads=4", "model.enc_layers=1",
+              "model.dec_layers=1", "model.dim_feedforward=32", "model.num_queries=5", "model.num_select=5"]:
+        args += ["--set", s]
+    cli_main(args)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert ck["epoch"] == 1 and ck["scheduler"]["lr_lambdas"][0]["epochs"] == 1
+    assert ck["scheduler"]["last_epoch"] == 2  # 2 optimizer steps in the one epoch
+    assert ck["model"]["backbone.0.body.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == [0] and "val_AP50" in log[-1]
+    cli_main(args + ["--resume"])  # nothing left to train: evaluates only
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == [0]

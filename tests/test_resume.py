@@ -16,7 +16,7 @@ from dabdetr.data import ShapesConfig, generate_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SETTINGS = ["preset=tiny", "epochs=2", "lr_drop=1", "batch_size=2", "checkpoint_every=2", "workers=0", "threads=1",
+SETTINGS = ["preset=tiny", "epochs=2", "lr_drop=1", "lr_schedule=cosine", "warmup_iters=3", "batch_size=2", "checkpoint_every=2", "workers=0", "threads=1",
             "aug_scale=0.3", "eval_batch_size=4", "model.hidden_dim=32", "model.nheads=4", "model.enc_layers=1",
             "model.dec_layers=2", "model.dim_feedforward=64", "model.num_queries=10", "model.num_select=10"]
 

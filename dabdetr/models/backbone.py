@@ -229,6 +229,11 @@ class ResNet(nn.Module):
                 m.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
+        w = self.conv1.weight
+        if not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+            # a channels-last model (model.to(memory_format=torch.channels_last)): the images follow,
+            # or each convolution would convert its input (oneDNN: ~12% faster on the demo's CPU step)
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x, self.backend != "torch")))
         x = self.layer1(x)
         x = self.layer2(x)
