@@ -259,6 +259,27 @@ def test_backbone_width():
         resnet("resnet18", width=0)
 
 
+def test_three_stage_backbone():
+    """stages=3: the ResNet up to layer3 (stride 16), torchvision names, torchvision weights load
+    (layer4 dropped); a DAB-DETR on it trains."""
+    full = resnet("resnet18", width=8)
+    short = resnet("resnet18", width=8, stages=3)
+    x = torch.randn(1, 3, 64, 96)
+    assert short(x).shape == (1, 32, 4, 6) and short.num_channels == 32 and short.stride == 16
+    assert not hasattr(short, "layer4")
+    assert [n for n, _ in short.named_parameters()] == [n for n, _ in full.named_parameters()
+                                                        if not n.startswith("layer4.")]
+    load_torchvision_resnet_weights(short, full.state_dict())
+    full.layer4 = torch.nn.Identity()
+    assert torch.equal(short(x), full(x))
+    with pytest.raises(ValueError, match="stages"):
+        resnet("resnet18", stages=2)
+    with pytest.raises(ValueError, match="DC5"):
+        resnet("resnet18", stages=3, dilation=True)
+    m = DABDETR(small_config(backbone_stages=3))
+    assert m.backbone.stride == 16 and m.input_proj.in_channels == m.backbone.num_channels
+
+
 @pytest.mark.parametrize("name,dilation", [("resnet18", False), ("resnet50", True)])
 def test_frozen_bn_folding_matches_the_original_formulation(name, dilation, gen):
     """Fused backends fold frozen BN into the convolutions (backbone.conv_norm); backend="torch"
@@ -327,3 +348,29 @@ def test_tiny_preset_overfits_a_batch(gen):
     opt = torch.optim.AdamW(model.param_groups(1e-3, 1e-3, 1e-4))
     losses = [l["total"].item() for l in _train_steps(model, images, targets, opt, 6)]
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_batched_key_side_projections_match_per_layer(gen):
+    """Fused backends compute every decoder layer's key/value/key-position projections in two GEMMs
+    (TransformerDecoder.key_side_projections); the same outputs and gradients as the per-layer
+    projections (backend="torch")."""
+    torch.manual_seed(3)
+    m = DABDETR(small_config(), backend="torch")
+    images, _ = small_batch(gen)
+    res = {}
+    for backend in ("torch", "cpu"):
+        m.set_backend(backend)
+        m.zero_grad(set_to_none=True)
+        out = m(images)
+        loss = out["pred_boxes"].square().sum() + out["pred_logits"].sigmoid().sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        res[backend] = (out["pred_boxes"].detach(), out["pred_logits"].detach(), grads)
+    (ba, la, ga), (bb, lb, gb) = res["torch"], res["cpu"]
+    assert torch.allclose(ba, bb, atol=1e-5) and torch.allclose(la, lb, atol=1e-4)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-4 * ga[n].abs().max().item() + 1e-6), n
+    ks = m.transformer.decoder.key_side_projections(torch.randn(2, 7, m.config.hidden_dim, generator=gen),
+                                                    torch.randn(2, 7, m.config.hidden_dim, generator=gen))
+    assert len(ks) == m.config.dec_layers and all(t.shape == (2, 7, m.config.hidden_dim) for kv in ks for t in kv)

@@ -177,10 +177,14 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, block: Type[nn.Module], layers: Sequence[int], dilation: bool = False,
-                 norm: str = "frozen", norm_eps: float = 1e-5, width: int = 64):
+                 norm: str = "frozen", norm_eps: float = 1e-5, width: int = 64, stages: int = 4):
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
+        if stages not in (3, 4):
+            raise ValueError(f"stages must be 3 (up to layer3, output stride 16) or 4, got {stages}")
+        if stages == 3 and dilation:
+            raise ValueError("dilation (DC5) changes layer4, which stages=3 leaves out")
         self._norm = _norm_factory(norm, norm_eps)
         self.inplanes = width
         self.dilation = 1
@@ -191,9 +195,11 @@ class ResNet(nn.Module):
         self.layer1 = self._make_layer(block, width, layers[0])
         self.layer2 = self._make_layer(block, 2 * width, layers[1], stride=2)
         self.layer3 = self._make_layer(block, 4 * width, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2, dilate=dilation)
-        self.num_channels = 8 * width * block.expansion
-        self.stride = 16 if dilation else 32
+        self.stages = stages
+        if stages == 4:
+            self.layer4 = self._make_layer(block, 8 * width, layers[3], stride=2, dilate=dilation)
+        self.num_channels = (8 if stages == 4 else 4) * width * block.expansion
+        self.stride = 16 if (dilation or stages == 3) else 32
         # ``backend`` (set for the whole model by DABDETR.set_backend): "torch" keeps the original's
         # frozen-BN formulation (the eager baseline); any other value folds frozen BN into the
         # preceding convolution (conv_norm).
@@ -238,20 +244,23 @@ class ResNet(nn.Module):
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)
-        return self.layer4(x)
+        return self.layer4(x) if self.stages == 4 else x
 
 
-def resnet(name: str, dilation: bool = False, norm: str = "frozen", norm_eps: float = 1e-5, width: int = 64) -> ResNet:
+def resnet(name: str, dilation: bool = False, norm: str = "frozen", norm_eps: float = 1e-5, width: int = 64,
+           stages: int = 4) -> ResNet:
     if name not in RESNET_SPECS:
         raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(RESNET_SPECS)}")
     block, layers = RESNET_SPECS[name]
-    return ResNet(block, layers, dilation=dilation, norm=norm, norm_eps=norm_eps, width=width)
+    return ResNet(block, layers, dilation=dilation, norm=norm, norm_eps=norm_eps, width=width, stages=stages)
 
 
 def load_torchvision_resnet_weights(body: ResNet, state_dict: Dict[str, Tensor]) -> None:
     """Load a torchvision ``resnetXX`` state dict (e.g. ImageNet weights a user has on disk) into
-    ``body``. ``fc.*`` and ``num_batches_tracked`` are dropped; every other key must match."""
-    sd = {k: v for k, v in state_dict.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    ``body``. ``fc.*``, ``num_batches_tracked`` (and ``layer4.*`` for a 3-stage body) are dropped;
+    every other key must match."""
+    sd = {k: v for k, v in state_dict.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+          and not (body.stages == 3 and k.startswith("layer4."))}
     missing, unexpected = body.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
@@ -260,8 +269,8 @@ def load_torchvision_resnet_weights(body: ResNet, state_dict: Dict[str, Tensor])
 
 
 class Backbone(nn.Module):
-    """ResNet body + padding-mask downsampling. Only layer4 is returned (the original without
-    ``--masks``).
+    """ResNet body + padding-mask downsampling. Only the last stage is returned (layer4, as the
+    original without ``--masks``; layer3 with ``stages=3``).
 
     Trainable-layer rule of the original: when ``train_backbone`` (``lr_backbone > 0``), parameters
     whose name contains one of ``trainable_layers`` (default layer2-4) train; all others are frozen.
@@ -269,9 +278,9 @@ class Backbone(nn.Module):
 
     def __init__(self, name: str = "resnet50", dilation: bool = False, train_backbone: bool = True,
                  trainable_layers: Sequence[str] = ("layer2", "layer3", "layer4"),
-                 norm: str = "frozen", norm_eps: float = 1e-5, width: int = 64):
+                 norm: str = "frozen", norm_eps: float = 1e-5, width: int = 64, stages: int = 4):
         super().__init__()
-        self.body = resnet(name, dilation=dilation, norm=norm, norm_eps=norm_eps, width=width)
+        self.body = resnet(name, dilation=dilation, norm=norm, norm_eps=norm_eps, width=width, stages=stages)
         self.num_channels = self.body.num_channels
         self.stride = self.body.stride
         for pname, p in self.body.named_parameters():

@@ -162,7 +162,7 @@ class DABDETR(nn.Module):
         self.num_classes = c.num_classes
         self.aux_loss = c.aux_loss
         body = Backbone(c.backbone, c.dilation, c.train_backbone, c.backbone_trainable_layers, c.backbone_norm,
-                        c.frozen_bn_eps, c.backbone_width)
+                        c.frozen_bn_eps, c.backbone_width, c.backbone_stages)
         body.body.set_backend(c.backend)  # "torch": the original's frozen BN; else folded into the convs
         pe = PositionEmbeddingSineHW(d // 2, c.pe_temperature_h, c.pe_temperature_w, normalize=True,
                                      backend=c.backend)

@@ -28,6 +28,7 @@ class DABDETRConfig:
     backbone_norm: str = "frozen"  # "frozen" (original) or "batch" (training from scratch)
     frozen_bn_eps: float = 1e-5
     backbone_width: int = 64  # ResNet stem width (64: torchvision's; smaller for the tiny preset)
+    backbone_stages: int = 4  # 3: the ResNet up to layer3 (output stride 16, no layer4; a cheap CPU backbone)
     # position encodings
     pe_temperature_h: float = 20.0
     pe_temperature_w: float = 20.0
