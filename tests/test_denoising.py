@@ -177,3 +177,55 @@ def test_dense_aux_loss_trains_the_encoder_and_is_off_at_inference():
     model.eval()
     with torch.no_grad():
         assert "enc_aux" not in model(images, None)
+
+
+def test_select_anchors_peaks_centres_sizes_and_padding():
+    from dabdetr.models.dense_aux import select_anchors
+
+    B, K, h, w = 2, 3, 4, 6
+    logits = torch.full((B, K, h, w), -6.0)
+    logits[0, 1, 1, 2] = 3.0  # a peak...
+    logits[0, 1, 1, 3] = 2.5  # ...its neighbour: not a local maximum, ranked after every peak
+    logits[0, 2, 3, 5] = 1.0  # a weaker, separate peak
+    logits[1, 0, 0, 5] = 4.0  # image 1: best cell in its padding (columns >= 4)
+    logits[1, 0, 2, 1] = 2.0
+    boxes = torch.rand(B, 4, h, w, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(B, h, w, dtype=torch.bool)
+    mask[1, :, 4:] = True
+    a = select_anchors(logits, boxes, mask, k=3).sigmoid()
+    assert a.shape == (B, 3, 4)
+    # image 0: the two peaks first (centre of the cell, size from the box head)
+    torch.testing.assert_close(a[0, 0], torch.tensor([2.5 / 6, 1.5 / 4, boxes[0, 2, 1, 2], boxes[0, 3, 1, 2]]))
+    torch.testing.assert_close(a[0, 1], torch.tensor([5.5 / 6, 3.5 / 4, boxes[0, 2, 3, 5], boxes[0, 3, 3, 5]]))
+    # the neighbour of the first peak is not a local maximum: flat background cells (local maxima of
+    # a flat region) come before it
+    assert not torch.isclose(a[0, 2, :2], torch.tensor([3.5 / 6, 1.5 / 4])).all()
+    # image 1: never a padding cell; centres normalised by the valid width (4 cells)
+    torch.testing.assert_close(a[1, 0, :2], torch.tensor([1.5 / 4, 2.5 / 4]))
+    assert (a[1, :, 0] < 1).all()
+    # fewer cells than queries: the best cells repeat
+    small = select_anchors(logits[:, :, :1, :2], boxes[:, :, :1, :2], mask[:, :1, :2], k=5)
+    assert small.shape == (B, 5, 4) and torch.equal(small[:, 2:4], small[:, :2])
+
+
+def test_query_selection_model_trains_and_predicts():
+    with pytest.raises(ValueError, match="enc_aux_coef"):
+        _model(query_selection=True)
+    torch.manual_seed(0)
+    model = _model(enc_aux_coef=1.0, query_selection=True).train()
+    assert model.refpoint_embed is None
+    crit = model.build_criterion()
+    targets = _targets(torch.Generator().manual_seed(4))
+    images = torch.randn(3, 3, 64, 96)
+    out = model(images, None, targets=targets)
+    assert out["pred_boxes"].shape == (3, 7, 4) and "enc_aux" in out and "dn" in out
+    crit.total(crit(out, targets)).backward()
+    assert model.enc_aux_head.cls.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), \
+        [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.eval()
+    with torch.no_grad():
+        o1 = model(images, None)
+        o2 = model(images[:1], None)
+    assert "enc_aux" not in o1
+    torch.testing.assert_close(o1["pred_boxes"][:1], o2["pred_boxes"], atol=1e-5, rtol=1e-4)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .backbone import Backbone, Joiner
 from .box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
 from .denoising import make_denoising_queries
-from .dense_aux import DenseAuxHead
+from .dense_aux import DenseAuxHead, select_anchors
 from .position_encoding import PositionEmbeddingSineHW
 from .presets import DABDETRConfig
 from .transformer import MLP, Transformer
@@ -168,7 +168,11 @@ class DABDETR(nn.Module):
                                      backend=c.backend)
         self.backbone = Joiner(body, pe)
         self.input_proj = nn.Conv2d(body.num_channels, d, kernel_size=1)
-        self.refpoint_embed = AnchorEmbedding(c.num_queries, 4, freeze_xy=c.freeze_anchor_xy)
+        if c.query_selection and c.enc_aux_coef <= 0:
+            raise ValueError("query_selection needs the dense auxiliary head (enc_aux_coef > 0)")
+        # the learned anchors; none with query selection (each image's anchors come from its encoder output)
+        self.refpoint_embed = (None if c.query_selection
+                               else AnchorEmbedding(c.num_queries, 4, freeze_xy=c.freeze_anchor_xy))
         self.transformer = Transformer(d, c.nheads, c.enc_layers, c.dec_layers, c.dim_feedforward, c.dropout,
                                        c.activation, c.num_patterns, c.query_temperature, c.inverse_sigmoid_eps,
                                        c.backend)
@@ -193,7 +197,7 @@ class DABDETR(nn.Module):
         nn.init.constant_(self.class_embed.bias, bias)
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
-        if c.random_refpoints_xy:
+        if c.random_refpoints_xy and self.refpoint_embed is not None:
             with torch.no_grad():
                 w = self.refpoint_embed().clone()
                 w[:, :2] = inverse_sigmoid(torch.rand(w.shape[0], 2), c.inverse_sigmoid_eps)
@@ -247,7 +251,16 @@ class DABDETR(nn.Module):
             dn = make_denoising_queries(targets, self.num_queries * max(1, c.num_patterns), self.label_enc,
                                         c.dn_groups, c.dn_label_noise, c.dn_box_noise, c.inverse_sigmoid_eps)
         want_aux = self.enc_aux_head is not None and self.training
-        res = self.transformer(src, mask_f, self.refpoint_embed(), pos, self.bbox_embed, rec, dn, return_memory=want_aux)
+        selected: Dict[str, Tensor] = {}
+        if self.refpoint_embed is None:
+            def anchors(memory: Tensor) -> Tensor:
+                selected.update(self.enc_aux_head(memory, src.shape[-2:]))
+                return select_anchors(selected["heatmap_logits"], selected["boxes"], mask_f, self.num_queries,
+                                      self.config.inverse_sigmoid_eps)
+        else:
+            anchors = self.refpoint_embed()
+        res = self.transformer(src, mask_f, anchors, pos, self.bbox_embed, rec, dn,
+                               return_memory=want_aux and self.refpoint_embed is not None)
         hs, references = res[0], res[1]
         head_delta = self.bbox_embed(hs).float()
         boxes = (head_delta + inverse_sigmoid(references, self.config.inverse_sigmoid_eps)).sigmoid()
@@ -265,7 +278,7 @@ class DABDETR(nn.Module):
         if dn_out is not None:
             out["dn"] = dn_out
         if want_aux:
-            aux = self.enc_aux_head(res[2], src.shape[-2:])
+            aux = dict(selected) if selected else self.enc_aux_head(res[2], src.shape[-2:])
             aux["mask"] = mask_f
             out["enc_aux"] = aux
         if self.aux_loss:

@@ -14,6 +14,9 @@ supervision, in the spirit of the auxiliary heads of Co-DETR (Zong et al., ICCV 
 * a box ``[B, 4, h, w]`` (sigmoid, normalised cxcywh of the whole image) read at every box's centre
   cell, L1 loss normalised by the number of boxes.
 
+With ``config.query_selection`` the head is also used at inference: :func:`select_anchors` turns
+its outputs into each image's decoder anchors (in place of the learned ones).
+
 The two losses are returned as ``loss_enc_heatmap`` and ``loss_enc_bbox`` and weighted by
 ``enc_aux_coef`` (the box term additionally by ``bbox_loss_coef``). The head is not used at
 inference: a model trained with it is an ordinary DAB-DETR (its state dict has the extra
@@ -29,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DenseAuxHead", "dense_aux_losses", "center_heatmap_targets"]
+from .box_ops import inverse_sigmoid
+
+__all__ = ["DenseAuxHead", "dense_aux_losses", "center_heatmap_targets", "select_anchors"]
 
 
 class DenseAuxHead(nn.Module):
@@ -98,3 +103,29 @@ def dense_aux_losses(aux: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]
             pred = boxes[b, :, iy, ix].t()
             l1 = l1 + (pred - t["boxes"].to(pred.device).float()).abs().sum()
     return {"loss_enc_heatmap": heat_loss, "loss_enc_bbox": l1 / num_boxes}
+
+
+@torch.no_grad()
+def select_anchors(heatmap_logits: Tensor, boxes: Tensor, mask: Tensor, k: int, eps: float = 1e-3) -> Tensor:
+    """Query selection: anchors ``[B, k, 4]`` (inverse-sigmoid cxcywh, no gradient) at each image's
+    ``k`` best cells of the dense head. A cell's score is its highest class probability; cells that
+    are 3x3 local maxima come first (one anchor per heatmap peak before a second one near the same
+    object), padding cells never. The anchor's centre is the cell's centre (the heatmap peaks at
+    box centres; at initialisation the box head predicts the same box everywhere), its size is the
+    box head's ``w, h`` at that cell."""
+    B, _, h, w = heatmap_logits.shape
+    score = heatmap_logits.float().sigmoid().amax(1)  # [B, h, w]
+    peak = score == F.max_pool2d(score[:, None], 3, stride=1, padding=1)[:, 0]
+    score = torch.where(peak, score, score - 1.0).masked_fill(mask, -3.0).flatten(1)
+    n = min(k, h * w)
+    idx = score.topk(n, dim=1).indices  # [B, n]
+    if n < k:  # fewer cells than queries: repeat the best ones
+        idx = idx.repeat(1, -(-k // n))[:, :k]
+    valid = ~mask
+    vh = valid[:, :, 0].sum(1).clamp(min=1).float()[:, None]
+    vw = valid[:, 0, :].sum(1).clamp(min=1).float()[:, None]
+    cx = ((idx % w).float() + 0.5) / vw
+    cy = (torch.div(idx, w, rounding_mode="floor").float() + 0.5) / vh
+    wh = torch.stack([boxes[:, 2].float().flatten(1).gather(1, idx), boxes[:, 3].float().flatten(1).gather(1, idx)], -1)
+    anchors = torch.cat([torch.stack([cx, cy], -1).clamp(0.0, 1.0), wh], -1)
+    return inverse_sigmoid(anchors, eps)

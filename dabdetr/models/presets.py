@@ -69,6 +69,10 @@ class DABDETRConfig:
     # dense auxiliary (CenterNet-like) loss on the encoder output, a training-only aid for training
     # from scratch: 0 = off (the original); see dabdetr.models.dense_aux.
     enc_aux_coef: float = 0.0
+    # training-from-scratch aid (needs enc_aux_coef > 0; changes inference too): each image's decoder
+    # anchors are the boxes of the dense auxiliary head at its num_queries highest-scoring cells
+    # (query selection, as DINO's two-stage anchors) instead of the learned anchors
+    query_selection: bool = False
     # fused-op backend for every dabdetr.ops call (None: automatic; "torch": eager reference)
     backend: Optional[str] = None
 

@@ -392,12 +392,14 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, mask: Tensor, refpoint_embed: Tensor, pos_embed: Tensor, bbox_embed: nn.Module,
+    def forward(self, src: Tensor, mask: Tensor, refpoint_embed, pos_embed: Tensor, bbox_embed: nn.Module,
                 rec: Rec = None, dn=None, return_memory: bool = False):
         """``src``/``pos_embed [B,d,h,w]``, ``mask [B,h,w]``, ``refpoint_embed [nq,4]`` (logits) →
         ``hs [L,B,Q,d]``, ``references [L,B,Q,4]``. ``dn``: optional
         :class:`~dabdetr.models.denoising.DenoisingQueries`, put before the matching queries (then
-        ``Q = dn.num_queries + nq``). ``return_memory``: also return the encoder output ``[B,HW,d]``."""
+        ``Q = dn.num_queries + nq``). ``return_memory``: also return the encoder output ``[B,HW,d]``.
+        ``refpoint_embed`` may also be per image, ``[B,nq,4]``, or a callable ``memory -> [B,nq,4]``
+        (anchors chosen from the encoder output: query selection)."""
         B = src.shape[0]
         src = src.flatten(2).transpose(1, 2)  # [B,HW,d]
         pos = pos_embed.flatten(2).transpose(1, 2)
@@ -405,15 +407,18 @@ class Transformer(nn.Module):
         memory = self.encoder(src, pos, key_padding_mask, rec)
         if rec is not None:
             rec["memory"] = [memory.detach()]
-        nq = refpoint_embed.shape[0]
+        if callable(refpoint_embed):
+            refpoint_embed = refpoint_embed(memory)
+        if refpoint_embed.dim() == 2:
+            refpoint_embed = refpoint_embed[None].expand(B, -1, -1)
+        nq = refpoint_embed.shape[1]
         if self.num_patterns > 0:
             tgt = self.patterns.weight[:, None, :].expand(self.num_patterns, nq, self.d_model).reshape(-1, self.d_model)
             tgt = tgt[None].expand(B, -1, -1)
-            refpoints = refpoint_embed.repeat(self.num_patterns, 1)
+            refpoints = refpoint_embed.repeat(1, self.num_patterns, 1)
         else:
             tgt = memory.new_zeros(B, nq, self.d_model)
             refpoints = refpoint_embed
-        refpoints = refpoints[None].expand(B, -1, -1)
         attn_mask = None
         if dn is not None:
             tgt = torch.cat([dn.content.to(tgt.dtype), tgt], 1)
