@@ -11,10 +11,14 @@ Providers (``--providers``, comma-separated; ``eager`` is always run, it is the 
 is a base and ``+`` options:
     eager           ``backend="torch"``: the original implementation's formulation — every fused op
                     runs its reference, frozen BN is the original's ``x * s + b`` after each
-                    convolution, torch's default AdamW (a per-parameter loop on the CPU).
+                    convolution, the self-attentions as ``nn.MultiheadAttention`` computes them
+                    (materialised probabilities) from one GEMM per projection, torch's default
+                    AdamW (a per-parameter loop on the CPU).
     fused           ``backend=None``, the library's default settings (what ``dabdetr train`` runs):
                     the best fused backend for the device (``cpu``, ``cuda`` ...), frozen BN folded
-                    into the convolutions (``backbone.conv_norm``), torch's fused AdamW
+                    into the convolutions (``backbone.conv_norm``), SDPA for the self-attentions,
+                    projections that share an input in one GEMM (the decoder's key side for all
+                    layers, the encoder's q|k, the decoder self-attention's), torch's fused AdamW
                     (``engine.build_optimizer``).
     +compile        ``torch.compile`` of the model (``dynamic=False``; the fused ops are opaque
                     custom ops in the graph). Compiled and warmed up outside the timed region

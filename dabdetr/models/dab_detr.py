@@ -190,6 +190,7 @@ class DABDETR(nn.Module):
         else:
             self.enc_aux_head = None
         self._init_heads()
+        self.set_backend(c.backend)  # every module with a ``backend`` attribute (encoder attention included)
 
     def _init_heads(self) -> None:
         c = self.config

@@ -17,7 +17,7 @@ Intermediates: pass a dict as ``rec`` and every module appends the tensors the p
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,29 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
+def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
+               backend: Optional[str]) -> Tensor:
+    """Multi-head attention on ``[B, H, N, d]``, ``attn_mask`` bool (True = may attend).
+    ``backend="torch"``: the original's computation (``nn.MultiheadAttention`` with its default
+    ``need_weights=True``: the scaled logits, masked, softmax, dropout, the weighted sum, with the
+    probabilities materialised); any other backend: SDPA (:func:`_sdpa`)."""
+    if backend != "torch":
+        return _sdpa(q, k, v, attn_mask, dropout_p)
+    logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf"))
+    probs = F.dropout(logits.softmax(-1), dropout_p) if dropout_p > 0 else logits.softmax(-1)
+    return torch.matmul(probs, v)
+
+
+def _linear_cat(x: Tensor, layers: Sequence[nn.Linear]) -> List[Tensor]:
+    """``[layer(x) for layer in layers]`` from one GEMM (the weights side by side; the outputs are
+    column slices of its result)."""
+    w = torch.cat([m.weight for m in layers])
+    b = torch.cat([m.bias for m in layers])
+    return list(F.linear(x, w, b).split([m.out_features for m in layers], dim=-1))
+
+
 def _merge(x: Tensor) -> Tensor:
     """``[B, H, N, d]`` → ``[B, N, H*d]``."""
     B, H, N, d = x.shape
@@ -89,8 +112,9 @@ def _merge(x: Tensor) -> Tensor:
 
 
 class EncoderSelfAttention(nn.Module):
-    """``nn.MultiheadAttention``'s parameters (``in_proj_weight`` rows q | k | v, ``out_proj``),
-    computed with SDPA; q and k share their input (``src + pos``), v gets ``src``."""
+    """``nn.MultiheadAttention``'s parameters (``in_proj_weight`` rows q | k | v, ``out_proj``); q and
+    k share their input (``src + pos``), v gets ``src``. Fused backends: q and k from one GEMM, SDPA;
+    ``backend="torch"``: the original's per-projection GEMMs and attention (:func:`_attention`)."""
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0):
         super().__init__()
@@ -102,16 +126,20 @@ class EncoderSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
+        self.backend: Optional[str] = None  # set for the whole model by DABDETR.set_backend
 
     def forward(self, qk: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
         d = self.d_model
         w, b = self.in_proj_weight, self.in_proj_bias
-        q = F.linear(qk, w[:d], b[:d])
-        k = F.linear(qk, w[d:2 * d], b[d:2 * d])
+        if self.backend == "torch":
+            q = F.linear(qk, w[:d], b[:d])
+            k = F.linear(qk, w[d:2 * d], b[d:2 * d])
+        else:
+            q, k = F.linear(qk, w[:2 * d], b[:2 * d]).split(d, dim=-1)
         v = F.linear(v, w[2 * d:], b[2 * d:])
         attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        out = _sdpa(_heads(q, self.nhead), _heads(k, self.nhead), _heads(v, self.nhead), attn_mask,
-                    self.dropout if self.training else 0.0)
+        out = _attention(_heads(q, self.nhead), _heads(k, self.nhead), _heads(v, self.nhead), attn_mask,
+                         self.dropout if self.training else 0.0, self.backend)
         return self.out_proj(_merge(out))
 
 
@@ -226,10 +254,15 @@ class TransformerDecoderLayer(nn.Module):
         p = self.attn_dropout if self.training else 0.0
         _put(rec, "dec_layer_in", tgt)
         # ---- self-attention
-        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
-        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        v = self.sa_v_proj(tgt)
-        sa = _sdpa(_heads(q, H), _heads(k, H), _heads(v, H), self_attn_mask, p)
+        if self.backend == "torch":  # the original: five projections
+            q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
+            k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
+            v = self.sa_v_proj(tgt)
+        else:  # the same from two GEMMs: [q_c | k_c | v](tgt) and [q_p | k_p](query_pos)
+            q, k, v = _linear_cat(tgt, (self.sa_qcontent_proj, self.sa_kcontent_proj, self.sa_v_proj))
+            qp, kp = _linear_cat(query_pos, (self.sa_qpos_proj, self.sa_kpos_proj))
+            q, k = q + qp, k + kp
+        sa = _attention(_heads(q, H), _heads(k, H), _heads(v, H), self_attn_mask, p, self.backend)
         tgt2 = self.self_attn(_merge(sa))
         _put(rec, "dec_self_attn_out", tgt2)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
@@ -311,11 +344,8 @@ class TransformerDecoder(nn.Module):
         weights side by side, the outputs column slices (the attention op reads strided rows). In
         the backward, the gradient of ``memory`` is one GEMM too, instead of ``2 L`` GEMMs and
         ``2 L - 1`` additions. The same function, up to float rounding."""
-        d = self.d_model
-        mv = [m for layer in self.layers for m in (layer.ca_kcontent_proj, layer.ca_v_proj)]
-        kp = [layer.ca_kpos_proj for layer in self.layers]
-        mem = F.linear(memory, torch.cat([m.weight for m in mv]), torch.cat([m.bias for m in mv])).split(d, dim=-1)
-        pe = F.linear(pos, torch.cat([m.weight for m in kp]), torch.cat([m.bias for m in kp])).split(d, dim=-1)
+        mem = _linear_cat(memory, [m for layer in self.layers for m in (layer.ca_kcontent_proj, layer.ca_v_proj)])
+        pe = _linear_cat(pos, [layer.ca_kpos_proj for layer in self.layers])
         return [(mem[2 * i], mem[2 * i + 1], pe[i]) for i in range(len(self.layers))]
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, refpoints_unsigmoid: Tensor,
