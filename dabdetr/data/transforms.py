@@ -162,20 +162,19 @@ class RandomSizeCrop:
     def __init__(self, min_size: int, max_size: int):
         self.min_size, self.max_size = min_size, max_size
 
-    def __call__(self, image, target, rng):
-        W, H = _image_size(image)
+    def _draw(self, W: int, H: int, rng) -> Tuple[int, int, int, int]:
+        """``(top, left, h, w)``: the random draws of one call (shared by ``__call__`` and ``plan``)."""
         w = rng.randint(min(self.min_size, W), min(W, self.max_size))
         h = rng.randint(min(self.min_size, H), min(H, self.max_size))
         top = rng.randint(0, H - h)
         left = rng.randint(0, W - w)
-        return crop(image, target, (top, left, h, w))
+        return top, left, h, w
+
+    def __call__(self, image, target, rng):
+        return crop(image, target, self._draw(*_image_size(image), rng))
 
     def plan(self, size_wh, rng):
-        W, H = size_wh
-        w = rng.randint(min(self.min_size, W), min(W, self.max_size))
-        h = rng.randint(min(self.min_size, H), min(H, self.max_size))
-        rng.randint(0, H - h)
-        rng.randint(0, W - w)
+        _, _, h, w = self._draw(*size_wh, rng)
         return w, h
 
     def __repr__(self):

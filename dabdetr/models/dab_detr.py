@@ -163,7 +163,6 @@ class DABDETR(nn.Module):
         self.aux_loss = c.aux_loss
         body = Backbone(c.backbone, c.dilation, c.train_backbone, c.backbone_trainable_layers, c.backbone_norm,
                         c.frozen_bn_eps, c.backbone_width, c.backbone_stages)
-        body.body.set_backend(c.backend)  # "torch": the original's frozen BN; else folded into the convs
         pe = PositionEmbeddingSineHW(d // 2, c.pe_temperature_h, c.pe_temperature_w, normalize=True,
                                      backend=c.backend)
         self.backbone = Joiner(body, pe)
@@ -190,7 +189,7 @@ class DABDETR(nn.Module):
         else:
             self.enc_aux_head = None
         self._init_heads()
-        self.set_backend(c.backend)  # every module with a ``backend`` attribute (encoder attention included)
+        self.set_backend(c.backend)  # every module with a ``backend`` attribute (fused ops, self-attention, frozen-BN folding)
 
     def _init_heads(self) -> None:
         c = self.config
