@@ -16,7 +16,9 @@ is a base and ``+`` options:
                     AdamW (a per-parameter loop on the CPU).
     fused           ``backend=None``, the library's default settings (what ``dabdetr train`` runs):
                     the best fused backend for the device (``cpu``, ``cuda`` ...), frozen BN folded
-                    into the convolutions (``backbone.conv_norm``), SDPA for the self-attentions,
+                    into the convolutions (``backbone.conv_norm``), on the CPU channels-last
+                    backbone activations with the 3x3 weight gradients from NCHW copies
+                    (``backbone._ConvNCHWWeightGrad``), SDPA for the self-attentions,
                     projections that share an input in one GEMM (the decoder's key side for all
                     layers, the encoder's q|k, the decoder self-attention's), torch's fused AdamW
                     (``engine.build_optimizer``).
@@ -25,7 +27,8 @@ is a base and ``+`` options:
                     (``setup_s`` in the JSON).
     +bf16           ``torch.autocast(dtype=bfloat16)`` around the forward (the loss in float32, as
                     the trainer does).
-    +cl             channels_last model and images (the backbone's convolutions).
+    +cl             channels_last model weights and images (``fused`` on the CPU already runs
+                    channels-last activations; this also changes ``eager``).
     +fusedopt       ``AdamW(fused=True)`` (already the default of ``fused``; changes ``eager``).
 Default: eager, fused, fused+compile, and with ``--bf16`` (default on CUDA, off on the CPU) each of
 them +bf16. Every provider starts from the same weights (one model is built, each provider gets a

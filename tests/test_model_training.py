@@ -306,14 +306,79 @@ def test_frozen_bn_folding_matches_the_original_formulation(name, dilation, gen)
     for n in ga:
         scale = ga[n].abs().max().clamp_min(1e-12)
         assert ((ga[n] - gb[n]).abs().max() / scale).item() < 1e-4, n
-    # the fold only happens outside backend="torch", and not for trainable batch norm
+    # the fold only happens outside backend="torch", and not for trainable batch norm (NCHW: the
+    # same computation, bit for bit; the fused backends' default channels-last layout rounds
+    # differently)
     assert all(b.backend == "cpu" for b in body.modules() if hasattr(b, "backend"))
     bn = resnet("resnet18", norm="batch", width=8)
     bn.set_backend("cpu")
+    bn.cpu_channels_last = False
     bn.eval()
     ref = bn(x)
     bn.set_backend("torch")
     assert torch.equal(ref, bn(x))
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,groups,bias", [(3, 1, 1, 1, False), (3, 2, 1, 2, True),
+                                                                (3, 1, 2, 1, False), (7, 2, 1, 1, False)])
+def test_channels_last_conv_with_nchw_weight_gradient(kernel, stride, dilation, groups, bias, gen):
+    """backbone._conv2d on a channels-last CPU input of a spatial convolution that trains: the
+    weight gradient comes from NCHW copies (_ConvNCHWWeightGrad). Against F.conv2d's own autograd
+    in float64: output and all gradients; gradcheck; the path is taken only where it should be."""
+    from dabdetr.models import backbone as bbm
+
+    conv = torch.nn.Conv2d(4, 6, kernel, stride=stride, padding=dilation * (kernel // 2), dilation=dilation,
+                           groups=groups, bias=bias).double()
+    x = torch.randn(2, 4, 11, 9, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    g = torch.randn(conv(x).shape, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (lambda: bbm._conv2d(conv, x, conv.weight, conv.bias), lambda: conv(x)):
+        x.grad = None
+        conv.zero_grad(set_to_none=True)
+        y = fn()
+        y.backward(g)
+        grads.append((y.detach(), x.grad, conv.weight.grad, None if conv.bias is None else conv.bias.grad))
+    mine, ref = grads
+    assert mine[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(mine, ref):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x_, w_: bbm._conv2d(conv, x_, w_, conv.bias),
+                                    (x[:1, :, :7, :6].detach().contiguous(memory_format=torch.channels_last).requires_grad_(True),
+                                     conv.weight.detach().clone().requires_grad_(True)))
+    calls = []
+    orig = bbm._ConvNCHWWeightGrad.apply
+    bbm._ConvNCHWWeightGrad.apply = lambda *a: calls.append(1) or orig(*a)
+    try:
+        bbm._conv2d(conv, x, conv.weight, conv.bias)
+        assert len(calls) == 1
+        bbm._conv2d(conv, x.contiguous(), conv.weight, conv.bias)  # NCHW input
+        with torch.no_grad():
+            bbm._conv2d(conv, x, conv.weight, conv.bias)
+        bbm._conv2d(conv, x, conv.weight.detach(), None)  # frozen weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: plain F.conv2d
+            assert bbm._conv2d(conv.float(), x.float(), conv.weight, conv.bias).dtype == torch.bfloat16
+        assert len(calls) == 1
+    finally:
+        bbm._ConvNCHWWeightGrad.apply = orig
+
+
+def test_fused_backends_run_the_cpu_backbone_channels_last(gen):
+    """backend != "torch" on the CPU: channels-last activations (the body's output too), unless
+    cpu_channels_last is off; backend="torch" keeps NCHW. Same outputs either way (float rounding)."""
+    body = resnet("resnet18", width=8)
+    x = torch.randn(1, 3, 40, 56, generator=gen)
+    outs = {}
+    for backend, cl in (("torch", True), ("cpu", True), ("cpu", False), (None, True)):
+        body.set_backend(backend)
+        body.cpu_channels_last = cl
+        y = body(x)
+        assert (not y.is_contiguous()) == (backend != "torch" and cl), (backend, cl)
+        outs[(backend, cl)] = y.detach()
+    ref = outs[("torch", True)]
+    for y in outs.values():
+        assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
 def test_model_backend_reaches_the_backbone():
