@@ -281,10 +281,14 @@ def test_three_stage_backbone():
 
 
 @pytest.mark.parametrize("name,dilation", [("resnet18", False), ("resnet50", True)])
-def test_frozen_bn_folding_matches_the_original_formulation(name, dilation, gen):
+def test_frozen_bn_folding_matches_the_original_formulation(name, dilation, gen, monkeypatch):
     """Fused backends fold frozen BN into the convolutions (backbone.conv_norm); backend="torch"
-    keeps the original's conv -> x*s+b. Same outputs and gradients, random BN statistics."""
+    keeps the original's conv -> x*s+b. Same outputs and gradients, random BN statistics (the
+    narrow test ResNet's 3x3 convolutions take the NCHW weight-gradient path too)."""
+    from dabdetr.models import backbone as bbm
     from dabdetr.models.backbone import FrozenBatchNorm2d
+
+    monkeypatch.setattr(bbm, "_NCHW_WGRAD_MIN_CHANNELS", 1)
 
     body = resnet(name, dilation=dilation, width=8)
     for m in body.modules():
@@ -321,12 +325,13 @@ def test_frozen_bn_folding_matches_the_original_formulation(name, dilation, gen)
 
 @pytest.mark.parametrize("kernel,stride,dilation,groups,bias", [(3, 1, 1, 1, False), (3, 2, 1, 2, True),
                                                                 (3, 1, 2, 1, False), (7, 2, 1, 1, False)])
-def test_channels_last_conv_with_nchw_weight_gradient(kernel, stride, dilation, groups, bias, gen):
+def test_channels_last_conv_with_nchw_weight_gradient(kernel, stride, dilation, groups, bias, gen, monkeypatch):
     """backbone._conv2d on a channels-last CPU input of a spatial convolution that trains: the
     weight gradient comes from NCHW copies (_ConvNCHWWeightGrad). Against F.conv2d's own autograd
     in float64: output and all gradients; gradcheck; the path is taken only where it should be."""
     from dabdetr.models import backbone as bbm
 
+    monkeypatch.setattr(bbm, "_NCHW_WGRAD_MIN_CHANNELS", 4)
     conv = torch.nn.Conv2d(4, 6, kernel, stride=stride, padding=dilation * (kernel // 2), dilation=dilation,
                            groups=groups, bias=bias).double()
     x = torch.randn(2, 4, 11, 9, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -357,6 +362,8 @@ def test_channels_last_conv_with_nchw_weight_gradient(kernel, stride, dilation, 
         with torch.no_grad():
             bbm._conv2d(conv, x, conv.weight, conv.bias)
         bbm._conv2d(conv, x, conv.weight.detach(), None)  # frozen weight
+        monkeypatch.setattr(bbm, "_NCHW_WGRAD_MIN_CHANNELS", 5)  # narrower convolutions stay channels-last
+        bbm._conv2d(conv, x, conv.weight, conv.bias)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: plain F.conv2d
             assert bbm._conv2d(conv.float(), x.float(), conv.weight, conv.bias).dtype == torch.bfloat16
         assert len(calls) == 1

@@ -80,7 +80,8 @@ class _ConvNCHWWeightGrad(torch.autograd.Function):
     Why: oneDNN's channels-last convolutions are the fast ones on x86 CPUs (R50 at 800x1333 on a
     2-core AVX2 EPYC: the forward of 1x1 convolutions up to 3x faster than from NCHW, the frozen stem
     and layer1 ~1.8x) except one kernel, the weight gradient of spatial (3x3) convolutions: 1.5-5.6x
-    slower than from NCHW there (layer2's 3x3: 312 vs 56 ms). Two layout copies of that convolution's
+    slower than from NCHW there (layer2's 3x3: 312 vs 56 ms), from 128 channels up (narrower ones are
+    faster channels-last: ``_NCHW_WGRAD_MIN_CHANNELS``). Two layout copies of that convolution's
     input and output gradient cost a few ms. Measured over the R50 body's forward + backward (frozen
     stem and layer1, as in training): NCHW 4.7-5.1 s, all channels-last 4.4 s (backward +8%), this
     mix 4.1 s at 800x1333 batch 1; 1.9-2.2 s / 1.9 s / 1.8-1.9 s at 512x512 batch 2."""
@@ -111,12 +112,19 @@ class _ConvNCHWWeightGrad(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+# Channels-last 3x3 weight gradient / NCHW one (copies included), same machine: 0.5-0.8 at 32-64
+# channels (the demo's narrow ResNet), 1.05-1.3 at 128 and small maps, 1.6-2.3 at 128-512 channels
+# on R50's maps.
+_NCHW_WGRAD_MIN_CHANNELS = 128
+
+
 def _conv2d(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``F.conv2d`` with ``conv``'s geometry and the given weight and bias; a channels-last CPU input
-    of a spatial convolution whose weight trains goes through :class:`_ConvNCHWWeightGrad` (not
-    under CPU autocast, whose casts that function does not track)."""
+    of a spatial convolution of at least ``_NCHW_WGRAD_MIN_CHANNELS`` channels whose weight trains
+    goes through :class:`_ConvNCHWWeightGrad` (not under CPU autocast, whose casts that function
+    does not track)."""
     if (x.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled() and max(conv.kernel_size) > 1
-            and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            and min(conv.in_channels, conv.out_channels) >= _NCHW_WGRAD_MIN_CHANNELS and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.is_autocast_enabled("cpu") and isinstance(conv.padding, tuple)):
         return _ConvNCHWWeightGrad.apply(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
