@@ -16,8 +16,8 @@ is a base and ``+`` options:
                     AdamW (a per-parameter loop on the CPU).
     fused           ``backend=None``, the library's default settings (what ``dabdetr train`` runs):
                     the best fused backend for the device (``cpu``, ``cuda`` ...), frozen BN folded
-                    into the convolutions (``backbone.conv_norm``), on the CPU channels-last
-                    backbone activations with the 3x3 weight gradients from NCHW copies
+                    into the convolutions (``backbone.conv_norm``), on the CPU (frozen stem)
+                    channels-last backbone activations, 3x3 weight gradients from NCHW copies
                     (``backbone._ConvNCHWWeightGrad``), SDPA for the self-attentions,
                     projections that share an input in one GEMM (the decoder's key side for all
                     layers, the encoder's q|k, the decoder self-attention's), torch's fused AdamW

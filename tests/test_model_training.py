@@ -291,6 +291,7 @@ def test_frozen_bn_folding_matches_the_original_formulation(name, dilation, gen,
     monkeypatch.setattr(bbm, "_NCHW_WGRAD_MIN_CHANNELS", 1)
 
     body = resnet(name, dilation=dilation, width=8)
+    body.conv1.weight.requires_grad_(False)  # a frozen stem, as trained: channels-last on the CPU
     for m in body.modules():
         if isinstance(m, FrozenBatchNorm2d):
             m.weight.uniform_(0.5, 1.5, generator=gen)
@@ -304,7 +305,8 @@ def test_frozen_bn_folding_matches_the_original_formulation(name, dilation, gen,
         body.zero_grad(set_to_none=True)
         y = body(x)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        res[backend] = (y.detach(), {n: p.grad.clone() for n, p in body.named_parameters()})
+        assert y.is_contiguous() == (backend == "torch")
+        res[backend] = (y.detach(), {n: p.grad.clone() for n, p in body.named_parameters() if p.requires_grad})
     (ya, ga), (yb, gb) = res["torch"], res["cpu"]
     assert ((ya - yb).abs().max() / ya.abs().max()).item() < 1e-5
     for n in ga:
@@ -372,10 +374,14 @@ def test_channels_last_conv_with_nchw_weight_gradient(kernel, stride, dilation, 
 
 
 def test_fused_backends_run_the_cpu_backbone_channels_last(gen):
-    """backend != "torch" on the CPU: channels-last activations (the body's output too), unless
-    cpu_channels_last is off; backend="torch" keeps NCHW. Same outputs either way (float rounding)."""
+    """backend != "torch" on the CPU with a frozen stem: channels-last activations (the body's
+    output too), unless cpu_channels_last is off; backend="torch" keeps NCHW, and so does a body
+    whose stem trains. Same outputs either way (float rounding)."""
     body = resnet("resnet18", width=8)
     x = torch.randn(1, 3, 40, 56, generator=gen)
+    body.set_backend("cpu")
+    assert body(x).is_contiguous()  # every layer trains: NCHW
+    body.conv1.weight.requires_grad_(False)
     outs = {}
     for backend, cl in (("torch", True), ("cpu", True), ("cpu", False), (None, True)):
         body.set_backend(backend)
