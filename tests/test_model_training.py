@@ -373,6 +373,24 @@ def test_channels_last_conv_with_nchw_weight_gradient(kernel, stride, dilation, 
         bbm._ConvNCHWWeightGrad.apply = orig
 
 
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_conv2d_weight_grad_nchw_op(layout, gen):
+    """The opaque weight-gradient op (kept opaque under torch.compile): equal to
+    convolution_backward's weight gradient in float64 for either input layout; opcheck (schema,
+    fake tensor, autograd registration, AOT dispatch)."""
+    from dabdetr.models import backbone as bbm
+
+    x = torch.randn(2, 6, 9, 7, generator=gen, dtype=torch.float64).contiguous(memory_format=layout)
+    w = torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+    go = torch.randn(2, 4, 5, 4, generator=gen, dtype=torch.float64).contiguous(memory_format=layout)
+    args = (go, x, w, [2, 2], [1, 1], [1, 1], 2)
+    got = bbm.conv2d_weight_grad_nchw(*args)
+    ref = torch.ops.aten.convolution_backward(go, x, w, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 2,
+                                              [False, True, False])[1]
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.dabdetr_backbone.conv2d_weight_grad_nchw.default, args)
+
+
 def test_fused_backends_run_the_cpu_backbone_channels_last(gen):
     """backend != "torch" on the CPU with a frozen stem: channels-last activations (the body's
     output too), unless cpu_channels_last is off; backend="torch" keeps NCHW, and so does a body

@@ -12,7 +12,7 @@ position encoding), so the original checkpoints' backbone keys map one to one.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,23 @@ def _norm_factory(kind: str, eps: float):
     raise ValueError(f"backbone norm must be 'frozen' or 'batch', got {kind!r}")
 
 
+@torch.library.custom_op("dabdetr_backbone::conv2d_weight_grad_nchw", mutates_args=())
+def conv2d_weight_grad_nchw(grad_out: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+                            dilation: List[int], groups: int) -> Tensor:
+    """The weight gradient of ``F.conv2d(x, weight, None, stride, padding, dilation, groups)`` for
+    the output gradient ``grad_out``, computed from NCHW (contiguous) copies of ``grad_out`` and
+    ``x`` whatever their layout (see :class:`_ConvNCHWWeightGrad`). An opaque op so that
+    ``torch.compile`` keeps the choice: inductor runs a CPU graph's convolutions channels-last
+    (its layout optimization), which would bring back the slow channels-last kernel."""
+    return torch.ops.aten.convolution_backward(grad_out.contiguous(), x.contiguous(), weight, None, stride, padding,
+                                               dilation, False, [0, 0], groups, [False, True, False])[1]
+
+
+@conv2d_weight_grad_nchw.register_fake
+def _(grad_out, x, weight, stride, padding, dilation, groups):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
 class _ConvNCHWWeightGrad(torch.autograd.Function):
     """``F.conv2d`` of a channels-last CPU input whose weight gradient is computed from NCHW copies
     of the input and of the output gradient (the forward and the input gradient stay channels-last).
@@ -104,9 +121,7 @@ class _ConvNCHWWeightGrad(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(go, x, weight, None, stride, padding, dilation, False,
                                                          [0, 0], groups, [True, False, False])[0]
         if need_w:
-            grad_w = torch.ops.aten.convolution_backward(grad_out.contiguous(), x.contiguous(), weight, None, stride,
-                                                         padding, dilation, False, [0, 0], groups,
-                                                         [False, True, False])[1]
+            grad_w = conv2d_weight_grad_nchw(grad_out, x, weight, stride, padding, dilation, groups)
         if need_b and ctx.has_bias:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None
