@@ -34,11 +34,17 @@ def _train_steps(model, images, targets, opt, steps):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_fused_backend_matches_reference_through_sgd_steps(backend, gen):
+    """Four SGD steps of the eager reference and of a fused backend from the same weights, in
+    float64: float32 rounding differences (folded BN, batched GEMMs, SDPA, channels-last
+    convolutions) grow through the steps past any tolerance that would still catch a real error
+    (rel. 1e-4 failed for ~1 seed in 4); in float64 they stay within ~2e-9 (tolerance 1e-6)."""
     torch.manual_seed(gen.initial_seed() % 2**31)
-    ref = DABDETR(small_config(), backend="torch").train()
+    ref = DABDETR(small_config(), backend="torch").double().train()
     fused = copy.deepcopy(ref)
     fused.set_backend(backend)
     images, targets = small_batch(gen)
+    images = [im.double() for im in images]
+    targets = [{k: (v.double() if v.is_floating_point() else v) for k, v in t.items()} for t in targets]
     steps = 4
     opt_r = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
     opt_f = torch.optim.SGD([p for p in fused.parameters() if p.requires_grad], lr=1e-2)
@@ -47,13 +53,13 @@ def test_fused_backend_matches_reference_through_sgd_steps(backend, gen):
     for i, (a, b) in enumerate(zip(lr_, lf)):
         for k in a:
             rel = abs(a[k].item() - b[k].item()) / max(abs(a[k].item()), 1e-8)
-            assert rel <= 1e-4, f"step {i} {k}: {a[k].item()} vs {b[k].item()}"
+            assert rel <= 1e-6, f"step {i} {k}: {a[k].item()} vs {b[k].item()}"
     pr, pf = dict(ref.named_parameters()), dict(fused.named_parameters())
     moved = 0
     for n, p in pr.items():
         scale = max(p.abs().max().item(), 1e-3)
         diff = (p - pf[n]).abs().max().item()
-        assert diff <= 1e-4 * scale, f"{n}: params differ by {diff:.2e} after {steps} steps"
+        assert diff <= 1e-6 * scale, f"{n}: params differ by {diff:.2e} after {steps} steps"
     # the steps did change the parameters
     init = DABDETR(small_config(), backend="torch")
     assert any(not torch.equal(p, q) for p, q in zip(pr.values(), init.parameters()))

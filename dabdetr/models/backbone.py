@@ -73,7 +73,10 @@ def _norm_factory(kind: str, eps: float):
     raise ValueError(f"backbone norm must be 'frozen' or 'batch', got {kind!r}")
 
 
-@torch.library.custom_op("dabdetr_backbone::conv2d_weight_grad_nchw", mutates_args=())
+# explicit schema: independent of how a torch version parses the postponed (string) annotations
+@torch.library.custom_op("dabdetr_backbone::conv2d_weight_grad_nchw", mutates_args=(),
+                         schema="(Tensor grad_out, Tensor x, Tensor weight, int[] stride, int[] padding, "
+                                "int[] dilation, int groups) -> Tensor")
 def conv2d_weight_grad_nchw(grad_out: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
                             dilation: List[int], groups: int) -> Tensor:
     """The weight gradient of ``F.conv2d(x, weight, None, stride, padding, dilation, groups)`` for

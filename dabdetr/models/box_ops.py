@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "at_least_float32",
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
     "box_area",
@@ -25,6 +26,12 @@ __all__ = [
 ]
 
 _EPS = 1e-6
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32, or kept in float64: the anchor, box and loss math runs in float32 under
+    mixed precision (half-precision inputs are upcast) and in float64 for a float64 model."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def box_cxcywh_to_xyxy(x: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou_pairwise
+from .box_ops import at_least_float32, box_cxcywh_to_xyxy, generalized_box_iou_pairwise
 from .dense_aux import dense_aux_losses
 from .matcher import HungarianMatcher
 
@@ -65,7 +65,7 @@ class SetCriterion(nn.Module):
         return batch, src
 
     def loss_labels(self, outputs, targets, indices: Indices, num_boxes: float, log: bool = True) -> Dict[str, Tensor]:
-        logits = outputs["pred_logits"].float()
+        logits = at_least_float32(outputs["pred_logits"])
         B, Q, K = logits.shape
         b, q = self._src_idx(indices, logits.device)
         labels_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
@@ -93,10 +93,10 @@ class SetCriterion(nn.Module):
         return {"cardinality_error": F.l1_loss(card, lengths)}
 
     def loss_boxes(self, outputs, targets, indices: Indices, num_boxes: float) -> Dict[str, Tensor]:
-        boxes = outputs["pred_boxes"].float()
+        boxes = at_least_float32(outputs["pred_boxes"])
         b, q = self._src_idx(indices, boxes.device)
         src = boxes[b, q]
-        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(boxes.device).float()
+        tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(boxes.device, boxes.dtype)
         l1 = (src - tgt).abs()
         giou = generalized_box_iou_pairwise(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
         return {"loss_bbox": l1.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbone import Backbone, Joiner
-from .box_ops import box_cxcywh_to_xyxy, inverse_sigmoid
+from .box_ops import at_least_float32, box_cxcywh_to_xyxy, inverse_sigmoid
 from .denoising import make_denoising_queries
 from .dense_aux import DenseAuxHead, select_anchors
 from .position_encoding import PositionEmbeddingSineHW
@@ -262,7 +262,7 @@ class DABDETR(nn.Module):
         res = self.transformer(src, mask_f, anchors, pos, self.bbox_embed, rec, dn,
                                return_memory=want_aux and self.refpoint_embed is not None)
         hs, references = res[0], res[1]
-        head_delta = self.bbox_embed(hs).float()
+        head_delta = at_least_float32(self.bbox_embed(hs))
         boxes = (head_delta + inverse_sigmoid(references, self.config.inverse_sigmoid_eps)).sigmoid()
         logits = self.class_embed(hs)
         dn_out = None

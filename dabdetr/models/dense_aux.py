@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .box_ops import inverse_sigmoid
+from .box_ops import at_least_float32, inverse_sigmoid
 
 __all__ = ["DenseAuxHead", "dense_aux_losses", "center_heatmap_targets", "select_anchors"]
 
@@ -52,7 +52,7 @@ class DenseAuxHead(nn.Module):
         B, _, d = memory.shape
         h, w = hw
         x = F.relu(self.conv(memory.transpose(1, 2).reshape(B, d, h, w)))
-        return {"heatmap_logits": self.cls(x), "boxes": self.box(x).float().sigmoid()}
+        return {"heatmap_logits": self.cls(x), "boxes": at_least_float32(self.box(x)).sigmoid()}
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from .box_ops import inverse_sigmoid
+from .box_ops import at_least_float32, inverse_sigmoid
 
 __all__ = ["MLP", "TransformerEncoderLayer", "TransformerEncoder", "TransformerDecoderLayer",
            "TransformerDecoder", "Transformer", "build_activation"]
@@ -357,7 +357,7 @@ class TransformerDecoder(nn.Module):
         T = self.query_temperature
         eps = self.inverse_sigmoid_eps
         output = tgt
-        reference_points = refpoints_unsigmoid.float().sigmoid()
+        reference_points = at_least_float32(refpoints_unsigmoid).sigmoid()
         refs: List[Tensor] = [reference_points]
         intermediate: List[Tensor] = []
         # fused backends: the key-side projections of all layers at once (backend "torch" keeps the
@@ -385,7 +385,7 @@ class TransformerDecoder(nn.Module):
                            None if key_side is None else key_side[lid])
             _put(rec, "dec_layer_out", output)
             # anchor update on the un-normalised output, in float32
-            delta = bbox_embed(output).float()
+            delta = at_least_float32(bbox_embed(output))
             _put(rec, "dec_bbox_embed_in_loop_out", delta)
             new_ref = (delta + inverse_sigmoid(reference_points, eps)).sigmoid()
             if lid != self.num_layers - 1:
