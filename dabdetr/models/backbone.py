@@ -130,6 +130,11 @@ class _ConvNCHWWeightGrad(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+def _is_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not also plain-contiguous, as e.g. 1x1 maps are)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 # Channels-last 3x3 weight gradient / NCHW one (copies included), same machine: 0.5-0.8 at 32-64
 # channels (the demo's narrow ResNet), 1.05-1.3 at 128 and small maps, 1.6-2.3 at 128-512 channels
 # on R50's maps.
@@ -142,7 +147,7 @@ def _conv2d(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor]) 
     goes through :class:`_ConvNCHWWeightGrad` (not under CPU autocast, whose casts that function
     does not track)."""
     if (x.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled() and max(conv.kernel_size) > 1
-            and min(conv.in_channels, conv.out_channels) >= _NCHW_WGRAD_MIN_CHANNELS and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            and min(conv.in_channels, conv.out_channels) >= _NCHW_WGRAD_MIN_CHANNELS and _is_channels_last(x)
             and not torch.is_autocast_enabled("cpu") and isinstance(conv.padding, tuple)):
         return _ConvNCHWWeightGrad.apply(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -298,7 +303,7 @@ class ResNet(nn.Module):
         which makes the transformer's ``flatten(2).transpose(1, 2)`` of the projected features a
         view."""
         w = self.conv1.weight
-        if not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last):
+        if _is_channels_last(w):
             return True
         return (self.cpu_channels_last and self.backend != "torch" and x.device.type == "cpu"
                 and not w.requires_grad)

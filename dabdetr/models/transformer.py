@@ -384,7 +384,7 @@ class TransformerDecoder(nn.Module):
             output = layer(output, memory, pos, query_pos, qse, memory_key_padding_mask, rec, self_attn_mask,
                            None if key_side is None else key_side[lid])
             _put(rec, "dec_layer_out", output)
-            # anchor update on the un-normalised output, in float32
+            # anchor update on the un-normalised output, in float32 (float64 for a float64 model)
             delta = at_least_float32(bbox_embed(output))
             _put(rec, "dec_bbox_embed_in_loop_out", delta)
             new_ref = (delta + inverse_sigmoid(reference_points, eps)).sigmoid()
