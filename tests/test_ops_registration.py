@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -75,6 +76,28 @@ def test_build_has_every_cpu_kernel():
 def test_build_has_every_cuda_kernel():
     missing = [op for op in _ext.OPS if not _ext.kernel_registered(op, "CUDA")]
     assert dabdetr.extension_loaded and not missing, f"no CUDA kernel for {missing} ({_ext.LOAD_ERROR})"
+
+
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="no g++")
+def test_torch_free_sources_are_cpp17():
+    """torch 2.11 (the GPU machines') builds extensions with -std=c++17, torch 2.14 (here) with
+    c++20, so the sources must compile as both. The ones that include no torch header are checked
+    as C++17 here (torch 2.14's own headers need C++20); a std::bit_cast slipped in once."""
+    free = []
+    for name in sorted(os.listdir(os.path.join(_CSRC, "cpu"))):
+        path = os.path.join(_CSRC, "cpu", name)
+        if name.endswith(".cpp"):
+            with open(path) as f:
+                if not any(line.startswith(("#include <torch", "#include <ATen", "#include <c10")) for line in f):
+                    free.append(path)
+    assert len(free) >= 2, f"expected the torch-free kernels (sincos.cpp, attention_kernels.cpp) in {_CSRC}/cpu"
+    for path in free:
+        r = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-fopenmp", "-Wall", "-I" + _CSRC, path],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, f"{os.path.relpath(path, _CSRC)} is not valid C++17:\n{r.stderr[-3000:]}"
 
 
 # ---------------------------------------------------------------------------------------------

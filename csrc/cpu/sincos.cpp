@@ -8,9 +8,9 @@
 // baseline x86-64 and picked at load time (GCC target_clones).
 #include "sincos.h"
 
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define DABDETR_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -21,6 +21,16 @@
 namespace dabdetr {
 namespace cpu {
 namespace {
+
+// std::bit_cast is C++20; torch 2.11's extension build compiles with -std=c++17 (2.14's with
+// c++20), so a memcpy, which GCC turns into a register move.
+template <typename To, typename From>
+inline To bits_as(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as: sizes differ");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
 
 constexpr float kTwoOverPi = 0.636619772367581343f;
 constexpr float kPio2Hi = 1.5703125f;
@@ -41,11 +51,11 @@ inline void sincos_poly(float x, float& s, float& c) {
   // Quadrant fix-up with integer bit operations (vectorizes as blends / xors):
   // q = 0: (s, c); 1: (c, -s); 2: (-s, -c); 3: (-c, s).
   const uint32_t swap = 0u - static_cast<uint32_t>(q & 1);
-  const uint32_t bs = std::bit_cast<uint32_t>(ps), bc = std::bit_cast<uint32_t>(pc);
+  const uint32_t bs = bits_as<uint32_t>(ps), bc = bits_as<uint32_t>(pc);
   const uint32_t sv = (bs & ~swap) | (bc & swap);
   const uint32_t cv = (bc & ~swap) | (bs & swap);
-  s = std::bit_cast<float>(sv ^ (static_cast<uint32_t>(q & 2) << 30));
-  c = std::bit_cast<float>(cv ^ (static_cast<uint32_t>((q + 1) & 2) << 30));
+  s = bits_as<float>(sv ^ (static_cast<uint32_t>(q & 2) << 30));
+  c = bits_as<float>(cv ^ (static_cast<uint32_t>((q + 1) & 2) << 30));
 }
 
 }  // namespace
