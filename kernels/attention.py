@@ -154,6 +154,19 @@ def _load_tile(ptr, rows, cols, n_rows, n_cols, s_row, s_col, UPCAST: tl.constex
 
 
 @triton.jit
+def _load_keys(ptr, rows, cols, row_ok, col_ok, s_row, s_col, UPCAST: tl.constexpr):
+    """``ptr[rows, cols]`` with zeros where ``row_ok`` or ``col_ok`` is False: the key / value tiles,
+    masked by key validity so that padded keys load as zeros (like the C++ kernels, which skip
+    them, the result then does not depend on what padded keys hold: an inf or NaN there would
+    otherwise reach the row through 0 * NaN in P V, dS K or V dO^T)."""
+    t = tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
 def _key_valid(MASK, b, n, Nk, sm_b, sm_n, HAS_MASK: tl.constexpr):
     valid = n < Nk
     if HAS_MASK:
@@ -205,13 +218,13 @@ def _attn_fwd_kernel(
         s = tl.dot(qp, kpT, s, input_precision="ieee")
         s = s * qk_scale
         valid = _key_valid(MASK, b, n, Nk, sm_b, sm_n, HAS_MASK)
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s = tl.where(valid[None, :], s, float("-inf"))  # (a padded key's NaN logit is dropped here)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: avoid inf - inf
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_tile(V, n, dv, Nk, DV, sv_n, sv_d, UPCAST)  # [BLOCK_N, BLOCK_DV]
+        v = _load_keys(V, n, dv, valid, dv < DV, sv_n, sv_d, UPCAST)  # [BLOCK_N, BLOCK_DV]
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         m_i = m_new
@@ -270,13 +283,13 @@ def _attn_bwd_dq_kernel(
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start_n in range(0, Nk, BLOCK_N):
             n = start_n + offs_n
-            kcT = _load_tile(KC, dc, n, DC, Nk, skc_d, skc_n, UPCAST)
-            kpT = _load_tile(KP, dp, n, DP, Nk, skp_d, skp_n, UPCAST)
-            vT = _load_tile(V, dv, n, DV, Nk, sv_d, sv_n, UPCAST)
+            valid = _key_valid(MASK, b, n, Nk, sm_b, sm_n, HAS_MASK)
+            kcT = _load_keys(KC, dc, n, dc < DC, valid, skc_d, skc_n, UPCAST)
+            kpT = _load_keys(KP, dp, n, dp < DP, valid, skp_d, skp_n, UPCAST)
+            vT = _load_keys(V, dv, n, dv < DV, valid, sv_d, sv_n, UPCAST)
             s = tl.dot(qc, kcT, input_precision="ieee")
             s = tl.dot(qp, kpT, s, input_precision="ieee")
             s = s * qk_scale
-            valid = _key_valid(MASK, b, n, Nk, sm_b, sm_n, HAS_MASK)
             s = tl.where(valid[None, :], s, float("-inf"))
             p = tl.exp2(s - lse2[:, None])
             delta += tl.sum(p * tl.dot(do, vT, input_precision="ieee"), axis=1)
@@ -289,13 +302,13 @@ def _attn_bwd_dq_kernel(
     dqp = tl.zeros([BLOCK_M, BLOCK_DP], dtype=tl.float32)
     for start_n in range(0, Nk, BLOCK_N):
         n = start_n + offs_n
-        kcT = _load_tile(KC, dc, n, DC, Nk, skc_d, skc_n, UPCAST)  # [BLOCK_DC, BLOCK_N]
-        kpT = _load_tile(KP, dp, n, DP, Nk, skp_d, skp_n, UPCAST)
-        vT = _load_tile(V, dv, n, DV, Nk, sv_d, sv_n, UPCAST)  # [BLOCK_DV, BLOCK_N]
+        valid = _key_valid(MASK, b, n, Nk, sm_b, sm_n, HAS_MASK)
+        kcT = _load_keys(KC, dc, n, dc < DC, valid, skc_d, skc_n, UPCAST)  # [BLOCK_DC, BLOCK_N]
+        kpT = _load_keys(KP, dp, n, dp < DP, valid, skp_d, skp_n, UPCAST)
+        vT = _load_keys(V, dv, n, dv < DV, valid, sv_d, sv_n, UPCAST)  # [BLOCK_DV, BLOCK_N]
         s = tl.dot(qc, kcT, input_precision="ieee")
         s = tl.dot(qp, kpT, s, input_precision="ieee")
         s = s * qk_scale
-        valid = _key_valid(MASK, b, n, Nk, sm_b, sm_n, HAS_MASK)
         s = tl.where(valid[None, :], s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
         dpt = tl.dot(do, vT, input_precision="ieee")
@@ -338,10 +351,11 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.arange(0, BLOCK_DV)
     nmask = offs_n < Nk
 
+    valid = _key_valid(MASK, b, offs_n, Nk, sm_b, sm_n, HAS_MASK)
+    # padded keys' logits are replaced by -inf below; their values must load as zeros (dP = V dO^T)
     kc = _load_tile(KC + b * skc_b + h * skc_h, offs_n, dc, Nk, DC, skc_n, skc_d, UPCAST)  # [BLOCK_N, BLOCK_DC]
     kp = _load_tile(KP + b * skp_b + h * skp_h, offs_n, dp, Nk, DP, skp_n, skp_d, UPCAST)
-    v = _load_tile(V + b * sv_b + h * sv_h, offs_n, dv, Nk, DV, sv_n, sv_d, UPCAST)
-    valid = _key_valid(MASK, b, offs_n, Nk, sm_b, sm_n, HAS_MASK)
+    v = _load_keys(V + b * sv_b + h * sv_h, offs_n, dv, valid, dv < DV, sv_n, sv_d, UPCAST)
 
     QC += b * sqc_b + h * sqc_h
     QP += b * sqp_b + h * sqp_h

@@ -310,14 +310,19 @@ struct BwdLayout {
 // tile loads (global -> shared), zero-filled beyond the valid rows / columns
 
 // rows [r0, r0 + R) of [x1 | x2 | 0] (widths d1, d2, padded to width `w`) of batch b, head h.
+// With a key padding mask, masked rows load as zeros too: like the CPU kernel (which skips them),
+// the result then does not depend on what padded keys hold (an inf or NaN there would otherwise
+// reach the row through S + (-inf) or through 0 * K in dQ = dS K).
 template <typename T>
 __device__ __forceinline__ void load_concat(T* dst, int ld, int R, int r0, int n_valid, int w, const T* x1,
                                             const int64_t* s1, int d1, const T* x2, const int64_t* s2, int d2,
-                                            int b, int h) {
+                                            int b, int h, const bool* mask = nullptr,
+                                            const int64_t* s_mask = nullptr) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int r = warp; r < R; r += kWarps) {
     const int i = r0 + r;
-    const bool ok = i < n_valid;
+    bool ok = i < n_valid;
+    if (ok && mask != nullptr) ok = !mask[b * s_mask[0] + static_cast<int64_t>(i) * s_mask[1]];
     const T* p1 = x1 + b * s1[0] + static_cast<int64_t>(i) * s1[1] + h * s1[2];
     const T* p2 = x2 != nullptr ? x2 + b * s2[0] + static_cast<int64_t>(i) * s2[1] + h * s2[2] : nullptr;
     for (int d = lane; d < w; d += 32) {
@@ -396,8 +401,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const __grid_cons
 
   for (int k0 = 0; k0 < p.Nk; k0 += BN) {
     __syncthreads();  // the previous tile's readers of Ks / Vs / Ps are done
-    load_concat<T>(Ks, lay.ldq, BN, k0, p.Nk, p.Dqk16, p.kc, p.s_kc, p.Dc, p.kp, p.s_kp, p.Dp, b, h);
-    load_concat<T>(Vs, lay.ldv, BN, k0, p.Nk, p.Dv16, p.v, p.s_v, p.Dv, nullptr, nullptr, 0, b, h);
+    load_concat<T>(Ks, lay.ldq, BN, k0, p.Nk, p.Dqk16, p.kc, p.s_kc, p.Dc, p.kp, p.s_kp, p.Dp, b, h, p.mask, p.s_mask);
+    load_concat<T>(Vs, lay.ldv, BN, k0, p.Nk, p.Dv16, p.v, p.s_v, p.Dv, nullptr, nullptr, 0, b, h, p.mask, p.s_mask);
     load_key_bias<T, BN>(kbias, p, b, k0);
     __syncthreads();
     block_gemm<T, true, false, false>(BM, BN, p.Dqk16, Qs, lay.ldq, Ks, lay.ldq, Ss, lay.lds);  // S = Q K^T
@@ -589,8 +594,8 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_kernel(const __grid
   int b, h, kt;
   block_coords((p.Nk + BN - 1) / BN, p.H, b, h, kt);
   const int k0 = kt * BN;
-  load_concat<T>(Ks, lay.ldq, BN, k0, p.Nk, p.Dqk16, p.kc, p.s_kc, p.Dc, p.kp, p.s_kp, p.Dp, b, h);
-  load_concat<T>(Vs, lay.ldv, BN, k0, p.Nk, p.Dv16, p.v, p.s_v, p.Dv, nullptr, nullptr, 0, b, h);
+  load_concat<T>(Ks, lay.ldq, BN, k0, p.Nk, p.Dqk16, p.kc, p.s_kc, p.Dc, p.kp, p.s_kp, p.Dp, b, h, p.mask, p.s_mask);
+  load_concat<T>(Vs, lay.ldv, BN, k0, p.Nk, p.Dv16, p.v, p.s_v, p.Dv, nullptr, nullptr, 0, b, h, p.mask, p.s_mask);
   load_key_bias<T, BN>(kbias, p, b, k0);
   fill_zero(dK, BN * lay.ldg);
   fill_zero(dV, BN * lay.ldgv);
@@ -651,8 +656,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(const __grid_c
     for (int kt = (p.Nk + BN - 1) / BN - 1; kt >= 0; --kt) {
       const int k0 = kt * BN;
       __syncthreads();  // previous readers of Ks / Vs / Ss / dPs are done
-      load_concat<T>(Ks, lay.ldq, BN, k0, p.Nk, p.Dqk16, p.kc, p.s_kc, p.Dc, p.kp, p.s_kp, p.Dp, b, h);
-      load_concat<T>(Vs, lay.ldv, BN, k0, p.Nk, p.Dv16, p.v, p.s_v, p.Dv, nullptr, nullptr, 0, b, h);
+      load_concat<T>(Ks, lay.ldq, BN, k0, p.Nk, p.Dqk16, p.kc, p.s_kc, p.Dc, p.kp, p.s_kp, p.Dp, b, h, p.mask, p.s_mask);
+      load_concat<T>(Vs, lay.ldv, BN, k0, p.Nk, p.Dv16, p.v, p.s_v, p.Dv, nullptr, nullptr, 0, b, h, p.mask, p.s_mask);
       load_key_bias<T, BN>(kbias, p, b, k0);
       __syncthreads();
       block_gemm<T, true, false, false>(BM, BN, p.Dqk16, Qs, lay.ldq, Ks, lay.ldq, Ss, lay.lds);   // S = Q K^T
@@ -672,8 +677,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(const __grid_c
   for (int k0 = 0; k0 < p.Nk; k0 += BN) {
     if (!kOwnDelta || k0 > 0) {  // with kOwnDelta, key tile 0 is still in shared memory
       __syncthreads();           // previous readers of Ks / Vs / dSs are done
-      load_concat<T>(Ks, lay.ldq, BN, k0, p.Nk, p.Dqk16, p.kc, p.s_kc, p.Dc, p.kp, p.s_kp, p.Dp, b, h);
-      load_concat<T>(Vs, lay.ldv, BN, k0, p.Nk, p.Dv16, p.v, p.s_v, p.Dv, nullptr, nullptr, 0, b, h);
+      load_concat<T>(Ks, lay.ldq, BN, k0, p.Nk, p.Dqk16, p.kc, p.s_kc, p.Dc, p.kp, p.s_kp, p.Dp, b, h, p.mask, p.s_mask);
+      load_concat<T>(Vs, lay.ldv, BN, k0, p.Nk, p.Dv16, p.v, p.s_v, p.Dv, nullptr, nullptr, 0, b, h, p.mask, p.s_mask);
       load_key_bias<T, BN>(kbias, p, b, k0);
       __syncthreads();
       block_gemm<T, true, false, false>(BM, BN, p.Dqk16, Qs, lay.ldq, Ks, lay.ldq, Ss, lay.lds);   // S = Q K^T
