@@ -231,8 +231,14 @@ def _msq_bwd_kernel(
 # torch.library.triton_op can trace them)
 
 
-def _feature_block(num_feats: int) -> int:
-    return min(next_pow2(num_feats), 128)
+def _feature_block(num_feats: int, cap: int = 128) -> int:
+    return min(next_pow2(num_feats), cap)
+
+
+# The modulated query's backward evaluates two sines per element and keeps the gradient, the
+# position scale and the output gradient live: with 128-wide feature blocks its largest config
+# (32 rows, 8 warps) hits the 255-register cap and spills on sm_80 with Triton 3.6.
+_MSQ_BWD_BLOCK_F = 64
 
 
 def _slot_args(C: int, num_feats: int, temperature: List[float], exchange_xy: bool):
@@ -356,7 +362,7 @@ def msq_bwd(grad_out: torch.Tensor, anchors: torch.Tensor, ref_wh: Optional[torc
         g_ps if pos_scale is not None else None,
         R, n1g, sg0, sg1, g.stride(-1), n1a, sa0, sa1, a.stride(-1), n1r, sr0, sr1, src_,
         n1p, sp0, sp1, spc, F, lt_x, lt_y, float(scale),
-        HAS_REF=ref_wh is not None, HAS_PS=pos_scale is not None, BLOCK_F=_feature_block(F),
+        HAS_REF=ref_wh is not None, HAS_PS=pos_scale is not None, BLOCK_F=_feature_block(F, _MSQ_BWD_BLOCK_F),
     )
     return to_dtype(g_anchors, dtype), to_dtype(g_ref, dtype), to_dtype(g_ps, dtype)
 
@@ -391,6 +397,7 @@ def compile_specs(dtype: str, num_feats: int = 128, all_configs: bool = False):
                                   ones=("sac", "src_", "spc"), cfg=cfg))
     for cfg in configs(_msq_bwd_kernel):
         specs.append(compile_spec(_msq_bwd_kernel, {"G": t, "A": t, "REF": t, "PS": t, "DA": t, "DREF": t, "DPS": t},
-                                  floats=("lt_x", "lt_y", "scale"), constexprs=flags,
+                                  floats=("lt_x", "lt_y", "scale"),
+                                  constexprs=dict(flags, BLOCK_F=_feature_block(num_feats, _MSQ_BWD_BLOCK_F)),
                                   ones=("sgc", "sac", "src_", "spc"), cfg=cfg))
     return specs
