@@ -3,7 +3,8 @@
 The C++ CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) are always built. The CUDA kernels
 (csrc/cuda/*.cu) are built when torch has CUDA and nvcc is found; DABDETR_BUILD_CUDA=1 forces
 them (an error if impossible), DABDETR_BUILD_CUDA=0 skips them. Without a GPU set
-TORCH_CUDA_ARCH_LIST (default here: "8.0;9.0").
+TORCH_CUDA_ARCH_LIST (default here: "8.0;9.0+PTX": A100 and H100/H200 machine code, plus sm_90 PTX
+that the driver compiles for newer GPUs on first use).
 
 Install with `pip install -e . --no-build-isolation` (build isolation would pull a second torch).
 """
@@ -60,7 +61,7 @@ def _extensions():
     kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], include_dirs=include_dirs)
     if not build_cuda:
         return [CppExtension("dabdetr._C", sources, **kwargs)]
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     # cuBLAS / cuSPARSE headers that ATen/cuda includes live in the nvidia pip wheels.
     purelib = sysconfig.get_paths()["purelib"]
     include_dirs += sorted(glob.glob(os.path.join(purelib, "nvidia", "*", "include")))
