@@ -4,6 +4,7 @@ the "rows" view of ``[..., K]`` tensors with arbitrary strides.
 Imported only after ``import triton`` succeeded (``dabdetr.kernels.__init__`` guards it).
 """
 
+import contextlib
 import os
 from typing import Tuple
 
@@ -34,6 +35,27 @@ AUTOTUNE = os.environ.get("DABDETR_TRITON_AUTOTUNE", "1") != "0"
 
 def tuning_set(configs):
     return list(configs) if AUTOTUNE else list(configs[:1])
+
+
+def autotune(configs, key):
+    """``triton.autotune`` over ``tuning_set(configs)``; the full list stays on the autotuner as
+    ``all_configs`` (tests/test_triton.py runs every config against the reference on a GPU)."""
+
+    def decorate(fn):
+        tuner = triton.autotune(configs=tuning_set(configs), key=key)(fn)
+        tuner.all_configs = list(configs)
+        return tuner
+
+    return decorate
+
+
+def device_of(t: torch.Tensor):
+    """Context for a launch on ``t``'s GPU: Triton launches on the current device (and its current
+    stream), which need not be the one holding the tensors (``cuda:1`` tensors while ``cuda:0`` is
+    current). A no-op for CPU tensors (the interpreter) and when ``t``'s device is already current."""
+    if t.device.type == "cuda" and not INTERPRET:
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 # The dtypes the Triton kernels take (float64 is served by the reference and the C++ CPU kernel).

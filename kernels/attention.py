@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_dtype, config, dot_block, kernel_dtype, to_dtype, tuning_set, wrap_triton
+from ._common import INTERPRET, autotune, check_dtype, config, device_of, dot_block, kernel_dtype, to_dtype, wrap_triton
 
 LOG2E = 1.4426950408889634
 
@@ -191,8 +191,10 @@ def _attn_fwd_kernel(
     BLOCK_DC: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)  # (b * H + h) * query tiles + query tile: one grid axis, no 65535 cap on B * H
+    tiles = tl.cdiv(Nq, BLOCK_M)
+    pid_m = pid % tiles
+    bh = pid // tiles
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -256,8 +258,10 @@ def _attn_bwd_dq_kernel(
     BLOCK_DC: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)  # (b * H + h) * query tiles + query tile: one grid axis, no 65535 cap on B * H
+    tiles = tl.cdiv(Nq, BLOCK_M)
+    pid_m = pid % tiles
+    bh = pid // tiles
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -340,8 +344,10 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_DC: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)  # (b * H + h) * key tiles + key tile
+    tiles = tl.cdiv(Nk, BLOCK_N)
+    pid_n = pid % tiles
+    bh = pid // tiles
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -394,7 +400,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 def _tuned(configs, kernel):
-    return triton.autotune(configs=tuning_set(configs), key=_KEY)(kernel)
+    return autotune(configs, _KEY)(kernel)
 
 
 _fwd_half = _tuned(_FWD_HALF, _attn_fwd_kernel)
@@ -475,17 +481,18 @@ def attention_fwd(q_content: torch.Tensor, q_pos: torch.Tensor, k_content: torch
     mask, sm_b, sm_n = _mask_args(key_padding_mask)
 
     def grid(meta):
-        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)
 
     meta = _meta(q_content, q_pos, k_content, value, key_padding_mask)
     v = _variant(dtype, max(meta["BLOCK_DC"], meta["BLOCK_DP"], meta["BLOCK_DV"]))
     kernel = (_fwd_half if v == "half" else _fwd_half_d64 if v == "half_d64"
               else _fwd_f32 if v == "f32" else _fwd_f32_d64)
-    wrap_triton(kernel)[grid](
-        q_content, q_pos, k_content, k_pos, value, mask, out, lse,
-        *q_content.stride(), *q_pos.stride(), *k_content.stride(), *k_pos.stride(), *value.stride(),
-        sm_b, sm_n, H, Nq, Nk, Dc, Dp, Dv, float(scale) * LOG2E, **meta,
-    )
+    with device_of(q_content):
+        wrap_triton(kernel)[grid](
+            q_content, q_pos, k_content, k_pos, value, mask, out, lse,
+            *q_content.stride(), *q_pos.stride(), *k_content.stride(), *k_pos.stride(), *value.stride(),
+            sm_b, sm_n, H, Nq, Nk, Dc, Dp, Dv, float(scale) * LOG2E, **meta,
+        )
     return to_dtype(out, dtype), lse
 
 
@@ -516,28 +523,30 @@ def attention_bwd(grad_out: torch.Tensor, q_content: torch.Tensor, q_pos: torch.
                sm_b, sm_n)
 
     def grid_q(meta):
-        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+        return (triton.cdiv(Nq, meta["BLOCK_M"]) * B * H,)
 
     def grid_k(meta):
-        return (triton.cdiv(Nk, meta["BLOCK_N"]), B * H)
+        return (triton.cdiv(Nk, meta["BLOCK_N"]) * B * H,)
 
     v = _variant(dtype, max(meta["BLOCK_DC"], meta["BLOCK_DP"], meta["BLOCK_DV"]))
     dq_kernel = (_dq_half if v == "half" else _dq_half_d64 if v == "half_d64"
                  else _dq_f32 if v == "f32" else _dq_f32_d64)
     dkdv_kernel = (_dkdv_half if v == "half" else _dkdv_half_d64 if v == "half_d64"
                    else _dkdv_f32 if v == "f32" else _dkdv_f32_d64)
-    wrap_triton(dq_kernel)[grid_q](
-        q_content, q_pos, k_content, k_pos, value, mask, out, grad_out, lse, delta, dqc, dqp,
-        *strides, *out.stride(), *grad_out.stride(),
-        H, Nq, Nk, Dc, Dp, Dv, float(scale) * LOG2E, float(scale), EXACT_DELTA=dtype != torch.float32,
-        **meta,
-    )
-    if Nk > 0:
-        wrap_triton(dkdv_kernel)[grid_k](
-            q_content, q_pos, k_content, k_pos, value, mask, grad_out, lse, delta, dkc, dkp, dv,
-            *strides, *grad_out.stride(),
-            H, Nq, Nk, Dc, Dp, Dv, float(scale) * LOG2E, float(scale), **meta,
+    with device_of(q_content):
+        wrap_triton(dq_kernel)[grid_q](
+            q_content, q_pos, k_content, k_pos, value, mask, out, grad_out, lse, delta, dqc, dqp,
+            *strides, *out.stride(), *grad_out.stride(),
+            H, Nq, Nk, Dc, Dp, Dv, float(scale) * LOG2E, float(scale), EXACT_DELTA=dtype != torch.float32,
+            **meta,
         )
+    if Nk > 0:
+        with device_of(q_content):
+            wrap_triton(dkdv_kernel)[grid_k](
+                q_content, q_pos, k_content, k_pos, value, mask, grad_out, lse, delta, dkc, dkp, dv,
+                *strides, *grad_out.stride(),
+                H, Nq, Nk, Dc, Dp, Dv, float(scale) * LOG2E, float(scale), **meta,
+            )
     return tuple(to_dtype(t, dtype) for t in (dqc, dqp, dkc, dkp, dv))
 
 

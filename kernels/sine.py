@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_dtype, config, kernel_dtype, next_pow2, rows, to_dtype, tuning_set, wrap_triton
+from ._common import (INTERPRET, autotune, check_dtype, config, device_of, kernel_dtype, next_pow2, rows, to_dtype,
+                      wrap_triton)
 
 INV_TWO_PI: tl.constexpr = tl.constexpr(0.15915494309189535)
 TWO_PI_HI: tl.constexpr = tl.constexpr(6.28125)  # 201/32: k * TWO_PI_HI is exact for |k| < 2**16
@@ -41,12 +42,12 @@ SLOTS_PER_LAUNCH = 4
 if INTERPRET:
     _SINE_CONFIGS = [config(1, 1, BLOCK_R=8)]
 else:
-    _SINE_CONFIGS = tuning_set([
+    _SINE_CONFIGS = [
         config(4, 1, BLOCK_R=8),
         config(4, 1, BLOCK_R=4),
         config(4, 1, BLOCK_R=16),
         config(8, 1, BLOCK_R=32),
-    ])
+    ]
 
 
 @triton.jit
@@ -59,11 +60,19 @@ def _phase_sin(x, phase):
 
 
 @triton.jit
+def _frequencies(f, lt):
+    """T^(-2 floor(f / 2) / F) = exp2(2 floor(f / 2) * lt) for features ``f`` (lt = -log2(T) / F), in
+    float64 and rounded once: float32 ``tl.exp2`` is the approximate ``ex2.approx`` on GPUs (up to
+    2 ulp), which large coordinates (angle = coordinate * frequency) magnify. One vector per block."""
+    return tl.exp2(((f // 2) * 2).to(tl.float64) * lt).to(tl.float32)
+
+
+@triton.jit
 def _pick4(s, a0, a1, a2, a3):
     return tl.where(s == 0, a0, tl.where(s == 1, a1, tl.where(s == 2, a2, a3)))
 
 
-@triton.autotune(configs=_SINE_CONFIGS, key=["F"])
+@autotune(_SINE_CONFIGS, key=["F"])
 @triton.jit
 def _sine_embed_fwd_kernel(
     X, OUT,
@@ -86,14 +95,14 @@ def _sine_embed_fwd_kernel(
     orow = r * C * F + (c0 + s) * F
     for f0 in range(0, F, BLOCK_F):
         f = f0 + tl.arange(0, BLOCK_F)
-        w = tl.exp2(((f // 2) * 2).to(tl.float32) * lt)
+        w = _frequencies(f, lt)
         phase = (f % 2).to(tl.float32) * HALF_PI
         y = _phase_sin(v[:, None] * w[None, :], phase[None, :])
         mask = rmask[:, None] & (f < F)[None, :]
         tl.store(OUT + orow[:, None] + f[None, :], y.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_SINE_CONFIGS, key=["F"])
+@autotune(_SINE_CONFIGS, key=["F"])
 @triton.jit
 def _sine_embed_bwd_kernel(
     G, X, DX,
@@ -119,7 +128,7 @@ def _sine_embed_bwd_kernel(
     for f0 in range(0, F, BLOCK_F):
         f = f0 + tl.arange(0, BLOCK_F)
         mask = rmask[:, None] & (f < F)[None, :]
-        w = tl.exp2(((f // 2) * 2).to(tl.float32) * lt)
+        w = _frequencies(f, lt)
         phase = (f % 2).to(tl.float32) * HALF_PI + HALF_PI  # d/dx sin(x + p) = sin(x + p + pi/2)
         g = tl.load(G + grow[:, None] + f[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
         d = _phase_sin(v[:, None] * w[None, :], phase[None, :])
@@ -127,7 +136,7 @@ def _sine_embed_bwd_kernel(
     tl.store(DX + r * C + src, (acc * scale).to(DX.dtype.element_ty), mask=rmask)
 
 
-@triton.autotune(configs=_SINE_CONFIGS, key=["F", "HAS_REF", "HAS_PS"])
+@autotune(_SINE_CONFIGS, key=["F", "HAS_REF", "HAS_PS"])
 @triton.jit
 def _msq_fwd_kernel(
     A, REF, PS, OUT,
@@ -158,7 +167,7 @@ def _msq_fwd_kernel(
     for f0 in range(0, F, BLOCK_F):
         f = f0 + tl.arange(0, BLOCK_F)
         mask = rmask[:, None] & (f < F)[None, :]
-        w = tl.exp2(((f // 2) * 2).to(tl.float32) * lt)
+        w = _frequencies(f, lt)
         phase = (f % 2).to(tl.float32) * HALF_PI
         y = _phase_sin(v[:, None] * w[None, :], phase[None, :])
         if HAS_PS:
@@ -168,7 +177,7 @@ def _msq_fwd_kernel(
         tl.store(OUT + orow[:, None] + f[None, :], y.to(OUT.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_SINE_CONFIGS, key=["F", "HAS_REF", "HAS_PS"])
+@autotune(_SINE_CONFIGS, key=["F", "HAS_REF", "HAS_PS"])
 @triton.jit
 def _msq_bwd_kernel(
     G, A, REF, PS, DA, DREF, DPS,
@@ -204,7 +213,7 @@ def _msq_bwd_kernel(
     for f0 in range(0, F, BLOCK_F):
         f = f0 + tl.arange(0, BLOCK_F)
         mask = rmask[:, None] & (f < F)[None, :]
-        w = tl.exp2(((f // 2) * 2).to(tl.float32) * lt)
+        w = _frequencies(f, lt)
         phase = (f % 2).to(tl.float32) * HALF_PI
         x = v[:, None] * w[None, :]
         e = _phase_sin(x, phase[None, :])
@@ -266,11 +275,12 @@ def sine_embed_fwd(coords: torch.Tensor, num_feats: int, temperature: List[float
         def grid(meta, ns=ns):
             return (triton.cdiv(R, meta["BLOCK_R"]), ns)
 
-        wrap_triton(_sine_embed_fwd_kernel)[grid](
-            x, out, R, n1, s0, s1, x.stride(-1), C, num_feats, c0,
-            sg[0], sg[1], sg[2], sg[3], lg[0], lg[1], lg[2], lg[3], float(scale),
-            BLOCK_F=_feature_block(num_feats),
-        )
+        with device_of(coords):
+            wrap_triton(_sine_embed_fwd_kernel)[grid](
+                x, out, R, n1, s0, s1, x.stride(-1), C, num_feats, c0,
+                sg[0], sg[1], sg[2], sg[3], lg[0], lg[1], lg[2], lg[3], float(scale),
+                BLOCK_F=_feature_block(num_feats),
+            )
     return to_dtype(out, coords.dtype)
 
 
@@ -293,11 +303,12 @@ def sine_embed_bwd(grad_out: torch.Tensor, coords: torch.Tensor, num_feats: int,
         def grid(meta, ns=ns):
             return (triton.cdiv(R, meta["BLOCK_R"]), ns)
 
-        wrap_triton(_sine_embed_bwd_kernel)[grid](
-            g, x, grad, R, n1x, sx0, sx1, x.stride(-1), n1g, sg0, sg1, g.stride(-1), C, num_feats, c0,
-            sg[0], sg[1], sg[2], sg[3], lg[0], lg[1], lg[2], lg[3], float(scale),
-            BLOCK_F=_feature_block(num_feats),
-        )
+        with device_of(coords):
+            wrap_triton(_sine_embed_bwd_kernel)[grid](
+                g, x, grad, R, n1x, sx0, sx1, x.stride(-1), n1g, sg0, sg1, g.stride(-1), C, num_feats, c0,
+                sg[0], sg[1], sg[2], sg[3], lg[0], lg[1], lg[2], lg[3], float(scale),
+                BLOCK_F=_feature_block(num_feats),
+            )
     return to_dtype(grad, coords.dtype)
 
 
@@ -325,11 +336,12 @@ def msq_fwd(anchors: torch.Tensor, ref_wh: Optional[torch.Tensor], pos_scale: Op
     def grid(meta):
         return (triton.cdiv(R, meta["BLOCK_R"]), 2)
 
-    wrap_triton(_msq_fwd_kernel)[grid](
-        a, rw, ps, out, R, n1a, sa0, sa1, a.stride(-1), n1r, sr0, sr1, src_, n1p, sp0, sp1, spc,
-        F, lt_x, lt_y, float(scale),
-        HAS_REF=ref_wh is not None, HAS_PS=pos_scale is not None, BLOCK_F=_feature_block(F),
-    )
+    with device_of(anchors):
+        wrap_triton(_msq_fwd_kernel)[grid](
+            a, rw, ps, out, R, n1a, sa0, sa1, a.stride(-1), n1r, sr0, sr1, src_, n1p, sp0, sp1, spc,
+            F, lt_x, lt_y, float(scale),
+            HAS_REF=ref_wh is not None, HAS_PS=pos_scale is not None, BLOCK_F=_feature_block(F),
+        )
     return to_dtype(out, anchors.dtype)
 
 
@@ -357,13 +369,14 @@ def msq_bwd(grad_out: torch.Tensor, anchors: torch.Tensor, ref_wh: Optional[torc
     def grid(meta):
         return (triton.cdiv(R, meta["BLOCK_R"]), 2)
 
-    wrap_triton(_msq_bwd_kernel)[grid](
-        g, a, rw, ps, g_anchors, g_ref if ref_wh is not None else None,
-        g_ps if pos_scale is not None else None,
-        R, n1g, sg0, sg1, g.stride(-1), n1a, sa0, sa1, a.stride(-1), n1r, sr0, sr1, src_,
-        n1p, sp0, sp1, spc, F, lt_x, lt_y, float(scale),
-        HAS_REF=ref_wh is not None, HAS_PS=pos_scale is not None, BLOCK_F=_feature_block(F, _MSQ_BWD_BLOCK_F),
-    )
+    with device_of(anchors):
+        wrap_triton(_msq_bwd_kernel)[grid](
+            g, a, rw, ps, g_anchors, g_ref if ref_wh is not None else None,
+            g_ps if pos_scale is not None else None,
+            R, n1g, sg0, sg1, g.stride(-1), n1a, sa0, sa1, a.stride(-1), n1r, sr0, sr1, src_,
+            n1p, sp0, sp1, spc, F, lt_x, lt_y, float(scale),
+            HAS_REF=ref_wh is not None, HAS_PS=pos_scale is not None, BLOCK_F=_feature_block(F, _MSQ_BWD_BLOCK_F),
+        )
     return to_dtype(g_anchors, dtype), to_dtype(g_ref, dtype), to_dtype(g_ps, dtype)
 
 
