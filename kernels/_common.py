@@ -10,6 +10,7 @@ from typing import Tuple
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import is_fake
 
 # ``TRITON_INTERPRET=1`` makes ``triton.jit`` return interpreted functions (numpy on the CPU); it is
 # read when the kernels are decorated, i.e. when this package is imported.
@@ -52,8 +53,10 @@ def autotune(configs, key):
 def device_of(t: torch.Tensor):
     """Context for a launch on ``t``'s GPU: Triton launches on the current device (and its current
     stream), which need not be the one holding the tensors (``cuda:1`` tensors while ``cuda:0`` is
-    current). A no-op for CPU tensors (the interpreter) and when ``t``'s device is already current."""
-    if t.device.type == "cuda" and not INTERPRET:
+    current). A no-op for CPU tensors (the interpreter), when ``t``'s device is already current, and
+    for fake tensors (torch.compile's tracing of the triton_op body launches nothing: no device is
+    touched, so tracing works where the traced device is absent)."""
+    if t.device.type == "cuda" and not INTERPRET and not is_fake(t):
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
 
