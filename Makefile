@@ -7,7 +7,7 @@ STAMP = build/.dabdetr-installed
 STAMP_CPU = build/.dabdetr-installed-demo
 SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: setup deps demo ops-demo train test bench bench-model clean
+.PHONY: setup deps demo ops-demo train test bench bench-model compat clean
 
 deps:
 	$(PYTHON) -m pip install -q $(DEPS)
@@ -66,6 +66,22 @@ bench: setup
 # FLOPs, breakdown; results in benchmarks/results/model_*.json/.md (see README, "Model benchmarks").
 bench-model: setup
 	$(PYTHON) benchmarks/bench_model.py --case 800x1333:1 --case 512x512:2
+
+# The GPU machines' software stack on this CPU (Python 3.12, torch 2.11 -- whose extension builds
+# are C++17, not C++20 --, Triton 3.6) in a venv: build the extension, CUDA kernels included, and
+# run the tests, the interpreted Triton tests and the Triton compile report against it, before a
+# GPU session finds a break. Downloads torch 2.11 (~5 GB) on first use. numpy < 2.3: Triton 3.6's
+# interpreter fails on numpy 2.4+ (int() of a 1-element array).
+COMPAT_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+COMPAT_VENV ?= build/venv-gpu-stack
+compat:
+	test -x $(COMPAT_VENV)/bin/python || $(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q torch==2.11.0 'numpy<2.3' ninja pybind11 scipy pillow tqdm pycocotools pytest hypothesis setuptools wheel
+	$(COMPAT_VENV)/bin/pip install -q --no-deps --no-build-isolation -e . > build/compat-install.log 2>&1 || (tail -40 build/compat-install.log; exit 1)
+	$(COMPAT_VENV)/bin/python -c "import sys, torch, triton, dabdetr._ext as e; print(sys.version.split()[0], torch.__version__, triton.__version__, 'CPU kernels:', e.HAS_CPU_KERNELS, 'CUDA kernels:', e.HAS_CUDA_KERNELS)"
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_triton.py
+	$(COMPAT_VENV)/bin/python benchmarks/triton_compile_report.py
 
 train: demo
 
