@@ -153,7 +153,8 @@ run_tests() {
   # DABDETR_TRITON_AUTOTUNE=0: each Triton kernel compiles its first config only (tuning every
   # config of every specialisation from a cold cache would not fit the time limit);
   # test_triton.py::test_every_autotuning_config_matches_reference then runs each config explicitly.
-  DABDETR_TRITON_AUTOTUNE=0 run_logged "pytest" 400 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+  # --durations: where the step's time goes (its limit is an estimate until a GPU run measures it).
+  DABDETR_TRITON_AUTOTUNE=0 run_logged "pytest" 400 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider --durations=25 --junitxml="$OUT/tests.xml" \
     -o junit_family=xunit2 "${files[@]}"
   tail -n 30 "$OUT/tests.log" >&2 || true
 }
