@@ -586,6 +586,7 @@ def run_case(args, case: Case, providers: List[Provider], base: DABDETR, cfg, re
         if ref_out is not None:
             pres["max_abs_diff_vs_eager"] = {k: (out[k] - ref_out[k]).abs().max().item() for k in ref_out}
         runners[prov.name] = r
+        save()  # setups (a compile) can be long: what is set up so far survives a kill
 
     def reset():
         for r in runners.values():

@@ -360,7 +360,10 @@ def add_roofline(row: dict, peaks: Optional[dict]) -> None:
         row["peak_kind"] = "copy"
 
 
-def run_ops(args, device: str, dtype: torch.dtype, timing_kw: dict, peaks: Optional[dict] = None) -> List[dict]:
+def run_ops(args, device: str, dtype: torch.dtype, timing_kw: dict, peaks: Optional[dict] = None,
+            on_case=None) -> List[dict]:
+    """The rows of every case; ``on_case(rows)`` after each case (the JSON is rewritten there, so a
+    run stopped by a time limit keeps the cases it finished)."""
     rows: List[dict] = []
     elem = torch.empty((), dtype=dtype).element_size()
     for case in make_cases(args.ops, args.quick):
@@ -442,6 +445,8 @@ def run_ops(args, device: str, dtype: torch.dtype, timing_kw: dict, peaks: Optio
                 C.log(f"  {mode:8s} {name:8s} {t.median_ms:9.4f} ms"
                       + (f"  x{row['speedup_vs_eager']:.2f} vs eager" if row["speedup_vs_eager"] else ""))
         del inp, fns
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
@@ -853,7 +858,28 @@ def main(argv=None) -> int:
     if args.roofline and args.ops:
         C.log("[bench_ops] measuring this device's copy bandwidth and matmul rate (roofline peaks) ...")
         peaks = C.device_peaks(device, dtype, quick=args.quick)
-    rows = run_ops(args, device, dtype, timing_kw, peaks) if args.ops else []
+    out = None
+    if args.out != "-":
+        out = Path(args.out) if args.out else (
+            C.RESULTS_DIR / f"ops_{device}_{args.dtype}_{C.machine_tag(device)}.json")
+
+    def payload(rows, mem, complete):
+        return {
+            "benchmark": "bench_ops",
+            "complete": complete,  # False: written after a case, the run did not finish (yet)
+            "environment": env,
+            "settings": {"device": device, "dtype": args.dtype, "quick": args.quick, "modes": args.modes,
+                         "ops": args.ops, "compile": args.compile, "timing": timing_kw},
+            "peaks": peaks,
+            "rows": rows,
+            "memory": mem,
+        }
+
+    def save_partial(rows):
+        if out is not None:
+            C.write_json(out, payload(rows, None, False))
+
+    rows = run_ops(args, device, dtype, timing_kw, peaks, on_case=save_partial) if args.ops else []
     mem = memory_demo(args, device, dtype) if args.memory else None
 
     title = (f"## dabdetr op benchmarks — {device}, {args.dtype}, "
@@ -870,20 +896,9 @@ def main(argv=None) -> int:
     if mem:
         print("\n" + memory_table(mem))
 
-    payload = {
-        "benchmark": "bench_ops",
-        "environment": env,
-        "settings": {"device": device, "dtype": args.dtype, "quick": args.quick, "modes": args.modes,
-                     "ops": args.ops, "compile": args.compile, "timing": timing_kw},
-        "peaks": peaks,
-        "rows": rows,
-        "memory": mem,
-    }
     env["load_average_end"] = C.load_average()
-    if args.out != "-":
-        out = Path(args.out) if args.out else (
-            C.RESULTS_DIR / f"ops_{device}_{args.dtype}_{C.machine_tag(device)}.json")
-        C.write_json(out, payload)
+    if out is not None:
+        C.write_json(out, payload(rows, mem, True))
         C.log(f"[bench_ops] wrote {out}")
     if args.csv:
         C.write_csv(Path(args.csv), rows)
