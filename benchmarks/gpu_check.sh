@@ -294,7 +294,6 @@ esac
 write_env
 
 if [[ ${#skipped[@]} -gt 0 ]]; then
-  note "skipped for the deadline: ${skipped[*]}"
   echo "skipped for the deadline (GPU_CHECK_DEADLINE=${DEADLINE}s): ${skipped[*]}" >>"$OUT/env.txt"
 fi
 if [[ ${#failures[@]} -gt 0 ]]; then

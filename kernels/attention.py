@@ -144,26 +144,22 @@ _NO_SPEC = ["Q_BUCKET", "K_BUCKET"]
 
 
 @triton.jit
-def _load_tile(ptr, rows, cols, n_rows, n_cols, s_row, s_col, UPCAST: tl.constexpr):
-    """``ptr[rows, cols]`` (zeros outside ``rows < n_rows``, ``cols < n_cols``)."""
+def _load_masked(ptr, rows, cols, row_ok, col_ok, s_row, s_col, UPCAST: tl.constexpr):
+    """``ptr[rows, cols]`` with zeros where ``row_ok`` or ``col_ok`` is False. Key / value tiles pass
+    the key validity as ``row_ok`` / ``col_ok`` where it matters, so that padded keys load as zeros:
+    like the C++ kernels, which skip them, the result then does not depend on what padded keys
+    hold (an inf or NaN there would otherwise reach the row through 0 * NaN in P V, dS K or V dO^T)."""
     t = tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col,
-                mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     if UPCAST:
         t = t.to(tl.float32)
     return t
 
 
 @triton.jit
-def _load_keys(ptr, rows, cols, row_ok, col_ok, s_row, s_col, UPCAST: tl.constexpr):
-    """``ptr[rows, cols]`` with zeros where ``row_ok`` or ``col_ok`` is False: the key / value tiles,
-    masked by key validity so that padded keys load as zeros (like the C++ kernels, which skip
-    them, the result then does not depend on what padded keys hold: an inf or NaN there would
-    otherwise reach the row through 0 * NaN in P V, dS K or V dO^T)."""
-    t = tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col,
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    if UPCAST:
-        t = t.to(tl.float32)
-    return t
+def _load_tile(ptr, rows, cols, n_rows, n_cols, s_row, s_col, UPCAST: tl.constexpr):
+    """``ptr[rows, cols]`` (zeros outside ``rows < n_rows``, ``cols < n_cols``)."""
+    return _load_masked(ptr, rows, cols, rows < n_rows, cols < n_cols, s_row, s_col, UPCAST)
 
 
 @triton.jit
@@ -226,7 +222,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_keys(V, n, dv, valid, dv < DV, sv_n, sv_d, UPCAST)  # [BLOCK_N, BLOCK_DV]
+        v = _load_masked(V, n, dv, valid, dv < DV, sv_n, sv_d, UPCAST)  # [BLOCK_N, BLOCK_DV]
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
         m_i = m_new
@@ -288,9 +284,9 @@ def _attn_bwd_dq_kernel(
         for start_n in range(0, Nk, BLOCK_N):
             n = start_n + offs_n
             valid = _key_valid(MASK, b, n, Nk, sm_b, sm_n, HAS_MASK)
-            kcT = _load_keys(KC, dc, n, dc < DC, valid, skc_d, skc_n, UPCAST)
-            kpT = _load_keys(KP, dp, n, dp < DP, valid, skp_d, skp_n, UPCAST)
-            vT = _load_keys(V, dv, n, dv < DV, valid, sv_d, sv_n, UPCAST)
+            kcT = _load_masked(KC, dc, n, dc < DC, valid, skc_d, skc_n, UPCAST)
+            kpT = _load_masked(KP, dp, n, dp < DP, valid, skp_d, skp_n, UPCAST)
+            vT = _load_masked(V, dv, n, dv < DV, valid, sv_d, sv_n, UPCAST)
             s = tl.dot(qc, kcT, input_precision="ieee")
             s = tl.dot(qp, kpT, s, input_precision="ieee")
             s = s * qk_scale
@@ -307,9 +303,9 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, Nk, BLOCK_N):
         n = start_n + offs_n
         valid = _key_valid(MASK, b, n, Nk, sm_b, sm_n, HAS_MASK)
-        kcT = _load_keys(KC, dc, n, dc < DC, valid, skc_d, skc_n, UPCAST)  # [BLOCK_DC, BLOCK_N]
-        kpT = _load_keys(KP, dp, n, dp < DP, valid, skp_d, skp_n, UPCAST)
-        vT = _load_keys(V, dv, n, dv < DV, valid, sv_d, sv_n, UPCAST)  # [BLOCK_DV, BLOCK_N]
+        kcT = _load_masked(KC, dc, n, dc < DC, valid, skc_d, skc_n, UPCAST)  # [BLOCK_DC, BLOCK_N]
+        kpT = _load_masked(KP, dp, n, dp < DP, valid, skp_d, skp_n, UPCAST)
+        vT = _load_masked(V, dv, n, dv < DV, valid, sv_d, sv_n, UPCAST)  # [BLOCK_DV, BLOCK_N]
         s = tl.dot(qc, kcT, input_precision="ieee")
         s = tl.dot(qp, kpT, s, input_precision="ieee")
         s = s * qk_scale
@@ -361,7 +357,7 @@ def _attn_bwd_dkdv_kernel(
     # padded keys' logits are replaced by -inf below; their values must load as zeros (dP = V dO^T)
     kc = _load_tile(KC + b * skc_b + h * skc_h, offs_n, dc, Nk, DC, skc_n, skc_d, UPCAST)  # [BLOCK_N, BLOCK_DC]
     kp = _load_tile(KP + b * skp_b + h * skp_h, offs_n, dp, Nk, DP, skp_n, skp_d, UPCAST)
-    v = _load_keys(V + b * sv_b + h * sv_h, offs_n, dv, valid, dv < DV, sv_n, sv_d, UPCAST)
+    v = _load_masked(V + b * sv_b + h * sv_h, offs_n, dv, valid, dv < DV, sv_n, sv_d, UPCAST)
 
     QC += b * sqc_b + h * sqc_h
     QP += b * sqp_b + h * sqp_h
@@ -540,8 +536,7 @@ def attention_bwd(grad_out: torch.Tensor, q_content: torch.Tensor, q_pos: torch.
             H, Nq, Nk, Dc, Dp, Dv, float(scale) * LOG2E, float(scale), EXACT_DELTA=dtype != torch.float32,
             **meta,
         )
-    if Nk > 0:
-        with device_of(q_content):
+        if Nk > 0:
             wrap_triton(dkdv_kernel)[grid_k](
                 q_content, q_pos, k_content, k_pos, value, mask, grad_out, lse, delta, dkc, dkp, dv,
                 *strides, *grad_out.stride(),

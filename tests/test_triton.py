@@ -35,6 +35,7 @@ if not K.AVAILABLE:
     pytest.fail(f"dabdetr.kernels did not register: {K.UNAVAILABLE_REASON}", pytrace=False)
 
 from dabdetr.kernels import _register  # noqa: E402
+from dabdetr.kernels import _common as _kernels_common  # noqa: E402
 from dabdetr.kernels import attention as _attention_kernels  # noqa: E402
 from dabdetr.kernels import sine as _sine_kernels  # noqa: E402
 
@@ -375,12 +376,6 @@ def test_content_position_attention(case, dtype, device, gen):
         assert (out == 0).all() and torch.isneginf(lse).all()
 
 
-def _autotune_enabled():
-    from dabdetr.kernels import _common
-
-    return _common.AUTOTUNE
-
-
 def _autotuners():
     return [t for mod in (_sine_kernels, _attention_kernels) for t in vars(mod).values() if hasattr(t, "all_configs")]
 
@@ -401,7 +396,7 @@ def run_every_config(tuners, device, gen, rows, Nq, Nk, dtypes=DTYPES, head_dims
     rounds = max(len(t.all_configs) for t in tuners)
     # with DABDETR_TRITON_AUTOTUNE=0 (the GPU command's test step) every other test runs the first
     # configs already
-    first = 0 if _autotune_enabled() else 1
+    first = 0 if _kernels_common.AUTOTUNE else 1
     try:
         for i in range(first, rounds):
             for t in tuners:
