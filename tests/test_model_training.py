@@ -463,10 +463,15 @@ def test_tiny_preset_overfits_a_batch(gen):
 def test_batched_key_side_projections_match_per_layer(gen):
     """Fused backends compute every decoder layer's key/value/key-position projections in two GEMMs
     (TransformerDecoder.key_side_projections); the same outputs and gradients as the per-layer
-    projections (backend="torch")."""
+    projections (backend="torch"). In float64: in float32 the two backends' backbones (folded BN,
+    channels-last) round a pre-activation near zero to opposite signs now and then, and a ReLU
+    then changes a backbone gradient past any useful tolerance (~7% of random seeds). Tolerance
+    1e-6 relative: the image position embedding is float32 in any model, as the original computes
+    it, and the two backends round it differently (~4e-7), which leaves ~1e-8 downstream."""
     torch.manual_seed(3)
-    m = DABDETR(small_config(), backend="torch")
+    m = DABDETR(small_config(), backend="torch").double()
     images, _ = small_batch(gen)
+    images = [im.double() for im in images]
     res = {}
     for backend in ("torch", "cpu"):
         m.set_backend(backend)
@@ -477,13 +482,16 @@ def test_batched_key_side_projections_match_per_layer(gen):
         grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
         res[backend] = (out["pred_boxes"].detach(), out["pred_logits"].detach(), grads)
     (ba, la, ga), (bb, lb, gb) = res["torch"], res["cpu"]
-    assert torch.allclose(ba, bb, atol=1e-5) and torch.allclose(la, lb, atol=1e-4)
+    assert ba.dtype == torch.float64
+    for a, b in ((ba, bb), (la, lb)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6 * a.abs().max().item())
     assert ga.keys() == gb.keys()
     for n in ga:
-        assert torch.allclose(ga[n], gb[n], atol=1e-4 * ga[n].abs().max().item() + 1e-6), n
-    ks = m.transformer.decoder.key_side_projections(torch.randn(2, 7, m.config.hidden_dim, generator=gen),
-                                                    torch.randn(2, 7, m.config.hidden_dim, generator=gen))
-    assert len(ks) == m.config.dec_layers and all(t.shape == (2, 7, m.config.hidden_dim) for kv in ks for t in kv)
+        assert torch.allclose(ga[n], gb[n], rtol=0, atol=1e-6 * ga[n].abs().max().item() + 1e-12), n
+    d = m.config.hidden_dim
+    ks = m.transformer.decoder.key_side_projections(torch.randn(2, 7, d, generator=gen, dtype=torch.float64),
+                                                    torch.randn(2, 7, d, generator=gen, dtype=torch.float64))
+    assert len(ks) == m.config.dec_layers and all(t.shape == (2, 7, d) for kv in ks for t in kv)
 
 
 @pytest.mark.parametrize("slope", [0.25, 0.75, -0.3])
