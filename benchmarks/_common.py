@@ -470,6 +470,33 @@ def busy_warning() -> Optional[str]:
     return None
 
 
+def cuda_driver_info() -> Dict[str, Optional[str]]:
+    """The installed NVIDIA driver: the CUDA version its ``libcuda`` supports (``cuDriverGetVersion``,
+    e.g. "13.0") and the kernel module's version (``/proc/driver/nvidia/version``); None for what
+    cannot be read (no driver, another OS)."""
+    info: Dict[str, Optional[str]] = {"cuda_driver_api": None, "nvidia_driver": None}
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        v = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(v)) == 0 and v.value > 0:
+            info["cuda_driver_api"] = f"{v.value // 1000}.{(v.value % 1000) // 10}"
+    except (OSError, AttributeError):
+        pass
+    try:
+        info["nvidia_driver"] = nvidia_driver_version(Path("/proc/driver/nvidia/version").read_text())
+    except OSError:
+        pass
+    return info
+
+
+def nvidia_driver_version(text: str) -> Optional[str]:
+    """The version in the text of ``/proc/driver/nvidia/version`` (proprietary or open module)."""
+    m = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9]+(?:\.[0-9]+)+)", text)
+    return m.group(1) if m else None
+
+
 def environment(device: str, extra: Optional[dict] = None) -> Dict[str, object]:
     """Machine, versions, git state, date and command line, for results files."""
     dev = torch.device(device)
@@ -509,7 +536,8 @@ def environment(device: str, extra: Optional[dict] = None) -> Dict[str, object]:
             "capability": f"{props.major}.{props.minor}",
             "total_memory_bytes": props.total_memory,
             "multiprocessors": props.multi_processor_count,
-            "driver_cuda": torch.version.cuda,
+            "cuda_toolkit": torch.version.cuda,  # the CUDA torch was built with
+            **cuda_driver_info(),
             "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32,
         }

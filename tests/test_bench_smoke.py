@@ -57,3 +57,18 @@ def test_bench_model_quick(tmp_path):
     assert case["providers"]["eager"]["train_speedup_vs_eager"] == 1.0
     assert case["flops"]["flops"] > 0 and abs(case["flops"]["macs"] * 2 - case["flops"]["flops"]) <= 1
     assert set(case["acceptance"]) == {"decoder_fused_vs_eager", "train_fused_vs_eager", "train_best_vs_eager"}
+
+
+def test_environment_reads_the_nvidia_driver_version():
+    """Results files record the installed driver (not torch's build CUDA): the version parsed from
+    /proc/driver/nvidia/version in both module flavours."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import _common as C
+
+    prop = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.65.06  Sun Jul 27 07:09:47 UTC 2025\nGCC version: gcc 12"
+    open_ = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  (dvs-builder@U16)"
+    assert C.nvidia_driver_version(prop) == "580.65.06"
+    assert C.nvidia_driver_version(open_) == "570.86.15"
+    assert C.nvidia_driver_version("no driver here") is None
+    info = C.cuda_driver_info()
+    assert set(info) == {"cuda_driver_api", "nvidia_driver"}
