@@ -20,8 +20,9 @@ is a base and ``+`` options:
                     channels-last backbone activations, 3x3 weight gradients from NCHW copies
                     (``backbone._ConvNCHWWeightGrad``), SDPA for the self-attentions,
                     projections that share an input in one GEMM (the decoder's key side for all
-                    layers, the encoder's q|k, the decoder self-attention's), torch's fused AdamW
-                    (``engine.build_optimizer``).
+                    layers, the encoder's q|k, the decoder self-attention's), on the CPU the
+                    FFNs' PReLU backward from vectorised kernels (``transformer.PReLU``), torch's
+                    fused AdamW (``engine.build_optimizer``).
     +compile        ``torch.compile`` of the model (``dynamic=False``; the fused ops are opaque
                     custom ops in the graph). Compiled and warmed up outside the timed region
                     (``setup_s`` in the JSON).
