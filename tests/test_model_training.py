@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from _helpers import CANCELLATION_FLOOR
 from conftest_model import MODEL_BACKENDS, model_backends, small_batch, small_config
 from dabdetr.models import DABDETR, PRESETS, get_config
 from dabdetr.models.backbone import Backbone, load_torchvision_resnet_weights, resnet
@@ -522,10 +523,14 @@ def test_prelu_cpu_backward_matches_torch(slope, dtype, gen):
     y64 = torch.nn.functional.prelu(x64, w64)
     y64.backward(g.double())
     ref = (y64.detach(), x64.grad, w64.grad)
+    # the slope's gradient is a sum of ~4k signed terms that can cancel: judged against the size of
+    # its terms below CANCELLATION_FLOOR of their sum (as the attention gradients are); against its
+    # own size alone, float32 failed for ~0.6% of seeds
+    slope_floor = CANCELLATION_FLOOR * (x64.detach().clamp(max=0) * g.double()).abs().sum().item()
     tol = 1e-12 if dtype == torch.float64 else 1e-5
-    for got, want, name in zip(res["cpu"], ref, ("output", "grad x", "grad slope")):
+    for got, want, floor, name in zip(res["cpu"], ref, (0.0, 0.0, slope_floor), ("output", "grad x", "grad slope")):
         assert got.dtype == dtype
-        err = (got.double() - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+        err = (got.double() - want).abs().max().item() / max(want.abs().max().item(), floor, 1e-30)
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
     # the grad of x is exact (g or slope * g), as torch's
     assert torch.equal(res["cpu"][1], res["torch"][1]) or slope >= 0.5
