@@ -421,6 +421,19 @@ def _read_cpu_model() -> Optional[str]:
     return platform.processor() or None
 
 
+def cpu_capability() -> Optional[str]:
+    """torch's CPU capability (``"AVX512"``, ``"AVX2"``, ``"DEFAULT"``...), or None if unknown."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover - older torch
+        return None
+
+
+def cpu_label(env: Dict[str, object]) -> str:
+    """"AMD EPYC, AVX512" for a results header (the capability only where recorded)."""
+    return ", ".join(str(x) for x in (env.get("cpu_model"), env.get("cpu_capability")) if x)
+
+
 def _pkg_version(name: str) -> Optional[str]:
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -512,6 +525,9 @@ def environment(device: str, extra: Optional[dict] = None) -> Dict[str, object]:
         "triton": _pkg_version("triton"),
         "numpy": _pkg_version("numpy"),
         "cpu_model": _read_cpu_model(),
+        # the vector ISA torch's kernels (and oneDNN's) dispatch to: the same "AMD EPYC" name covers
+        # AVX2 and AVX-512 machines here, whose convolution and matmul rates differ by ~1.5x
+        "cpu_capability": cpu_capability(),
         "cpu_count": os.cpu_count(),
         "usable_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),

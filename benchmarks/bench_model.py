@@ -67,6 +67,12 @@ with random labels in ``[0, num_classes)``.
                     the paper's unit), next to the paper's number (``flops.PAPER_GFLOPS``); achieved
                     GFLOP/s of inference (forward FLOPs / time) and of the train step (≈ 3x forward).
 
+Process setting, the same for every provider: on the CPU the process keeps freed memory for reuse
+(``--malloc retain``, the default, as ``dabdetr train`` does: :mod:`dabdetr.cpu_memory`); with
+glibc's default (``--malloc default``) every activation-sized temporary is faulted in afresh, which
+on this project's VMs costs the eager provider, with its larger temporaries, far more than the
+fused ones (R50 800x1333:1 round-robin: eager 1.2 M faults per step).
+
 Timing: ``--warmup`` untimed calls per provider (the first compiles), then ``--iters`` samples taken
 round-robin over the providers (a shared machine's drift hits all alike); median and IQR;
 ``torch.cuda.synchronize`` / CUDA events on GPU (``_common.measure``).
@@ -825,11 +831,13 @@ def case_report(res: Dict[str, Any], top_ops: int) -> str:
 
 def report(payload: Dict[str, Any]) -> str:
     env, s = payload["environment"], payload["settings"]
-    dev = env.get("gpu", {}).get("name") or env.get("cpu_model")
+    dev = env.get("gpu", {}).get("name") or C.cpu_label(env)
     lines = [f"## dabdetr model benchmark — {s['preset']}, {s['device']} ({dev}, {env['torch_threads']} threads), "
              f"torch {env['torch']}", "",
              f"Providers: {', '.join(s['providers'])}. Train step = forward + criterion + backward + clip + AdamW "
-             f"step; {s['iters']} round-robin samples after {s['warmup']} warm-up calls, median.",
+             f"step; {s['iters']} round-robin samples after {s['warmup']} warm-up calls, median."
+             + (f" CPU memory policy (`--malloc`, see the docstring): {s['malloc']}." if s.get("malloc") and s["device"] == "cpu"
+                else ""),
              ""]
     if env.get("busy_warning"):
         lines += [f"> warning: {env['busy_warning']}", ""]
@@ -933,6 +941,10 @@ def parse_args(argv=None):
     p.add_argument("--no-decoder", dest="decoder", action="store_false", help="skip the decoder fwd+bwd timing")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                   help="CPU: retain = glibc keeps freed memory for reuse (dabdetr.cpu_memory, what `dabdetr "
+                        "train` does; default), default = glibc's own policy (freed blocks over its mmap "
+                        "threshold go back to the kernel and are faulted in again)")
     p.add_argument("--quick", action="store_true",
                    help="tiny preset (num_classes=5), 96x128 batch 2, few iterations (CI smoke test)")
     p.add_argument("--time-limit", type=float, default=None,
@@ -987,6 +999,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     threads = C.set_threads(args.threads)
     device = args.device
+    malloc = "default"
+    if args.malloc == "retain" and torch.device(device).type == "cpu":
+        from dabdetr.cpu_memory import retain_freed_memory
+
+        malloc = "retain" if retain_freed_memory() else "default (retain unavailable: not glibc)"
     preset = get_preset(args.preset)
     cfg = preset.model.replace(**args.overrides)
     recipe = preset.recipe
@@ -1010,7 +1027,8 @@ def main(argv=None) -> int:
                      "device": device, "providers": names, "cases": [c.label for c in args.cases],
                      "iters": args.iters, "warmup": args.warmup, "breakdown_iters": args.breakdown_iters,
                      "top_ops": args.top_ops, "compile_backend": args.compile_backend,
-                     "compile_mode": args.compile_mode, "quick": args.quick, "seed": args.seed},
+                     "compile_mode": args.compile_mode, "quick": args.quick, "seed": args.seed,
+                     "malloc": malloc},
         "cases": [],
     }
     deadline = Deadline(args.time_limit)

@@ -883,7 +883,7 @@ def main(argv=None) -> int:
     mem = memory_demo(args, device, dtype) if args.memory else None
 
     title = (f"## dabdetr op benchmarks — {device}, {args.dtype}, "
-             f"{env.get('gpu', {}).get('name') or env['cpu_model']} ({threads} threads), torch {torch.__version__}")
+             f"{env.get('gpu', {}).get('name') or C.cpu_label(env)} ({threads} threads), torch {torch.__version__}")
     print(title + "\n")
     if rows:
         print(ops_table(rows, peaks is not None))

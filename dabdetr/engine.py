@@ -400,6 +400,11 @@ def fit(cfg, paths: Dict[str, str], out_dir: str, resume: Optional[str] = None, 
     dev = torch.device(device) if device else env["device"]
     main = rank == 0
     say = print_fn if main else (lambda *a, **k: None)
+    if dev.type == "cpu" and cfg.cpu_retain_memory:
+        from .cpu_memory import retain_freed_memory
+
+        if retain_freed_memory():
+            say("CPU: freed memory is kept for reuse (glibc mallopt; cpu_retain_memory=false turns it off)")
     seed_everything(cfg.seed, rank)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by the {world} processes")

@@ -57,6 +57,11 @@ def test_bench_model_quick(tmp_path):
     assert case["providers"]["eager"]["train_speedup_vs_eager"] == 1.0
     assert case["flops"]["flops"] > 0 and abs(case["flops"]["macs"] * 2 - case["flops"]["flops"]) <= 1
     assert set(case["acceptance"]) == {"decoder_fused_vs_eager", "train_fused_vs_eager", "train_best_vs_eager"}
+    # the vector ISA is recorded and named in the header: machines of the same name differ by it
+    import torch
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert data["environment"]["cpu_capability"] == isa and f", {isa}, 1 threads)" in proc.stdout
 
 
 def test_environment_reads_the_nvidia_driver_version():

@@ -211,7 +211,8 @@ def test_lr_schedule_step_cosine_warmup_and_state():
     assert plan_epochs(100.0, 0.0, 0, 20) == 20
 
 
-def test_time_budget_shortens_the_run_and_resume_keeps_the_plan(tmp_path):
+def test_time_budget_shortens_the_run_and_resume_keeps_the_plan(tmp_path, capsys):
+    from dabdetr import cpu_memory
     from dabdetr.cli import main as cli_main
 
     args = ["train", "--synthetic-dir", str(tmp_path / "shapes"), "--out", str(tmp_path / "run"), "--no-progress",
@@ -222,12 +223,16 @@ def test_time_budget_shortens_the_run_and_resume_keeps_the_plan(tmp_path):
               "model.dec_layers=1", "model.dim_feedforward=32", "model.num_queries=5", "model.num_select=5"]:
         args += ["--set", s]
     cli_main(args)
+    # CPU training keeps freed memory for reuse (cpu_retain_memory, default on) where libc is glibc
+    retained = "freed memory is kept for reuse" in capsys.readouterr().out
+    assert retained == (cpu_memory.glibc_version() is not None) == cpu_memory.is_retaining()
     ck = torch.load(tmp_path / "run" / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert ck["epoch"] == 1 and ck["scheduler"]["lr_lambdas"][0]["epochs"] == 1
     assert ck["scheduler"]["last_epoch"] == 2  # 2 optimizer steps in the one epoch
     assert ck["model"]["backbone.0.body.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r["epoch"] for r in log if r["type"] == "epoch"] == [0] and "val_AP50" in log[-1]
-    cli_main(args + ["--resume"])  # nothing left to train: evaluates only
+    cli_main(args + ["--resume", "--set", "cpu_retain_memory=false"])  # nothing left to train: evaluates only
+    assert "freed memory is kept for reuse" not in capsys.readouterr().out
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r["epoch"] for r in log if r["type"] == "epoch"] == [0]
