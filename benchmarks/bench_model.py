@@ -18,7 +18,8 @@ is a base and ``+`` options:
                     the best fused backend for the device (``cpu``, ``cuda`` ...), frozen BN folded
                     into the convolutions (``backbone.conv_norm``), on the CPU (frozen stem)
                     channels-last backbone activations, 3x3 weight gradients from NCHW copies
-                    (``backbone._ConvNCHWWeightGrad``), SDPA for the self-attentions,
+                    (``backbone._ConvNCHWWeightGrad``), SDPA for the self-attentions (on the CPU
+                    the content/position attention kernel, ``transformer._attention``),
                     projections that share an input in one GEMM (the decoder's key side for all
                     layers, the encoder's q|k, the decoder self-attention's), on the CPU the
                     FFNs' PReLU backward from vectorised kernels (``transformer.PReLU``), torch's

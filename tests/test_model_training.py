@@ -539,3 +539,51 @@ def test_prelu_cpu_backward_matches_torch(slope, dtype, gen):
         xg = (xg + xg.sign() * 0.1).requires_grad_(True)
         wg = act.weight.detach().clone().requires_grad_(True)
         assert torch.autograd.gradcheck(_ScalarPReLUCPU.apply, (xg, wg))
+
+
+@pytest.mark.parametrize("d", [32, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_self_attention_on_the_cpu_kernel_matches_the_original(d, dtype, gen):
+    """Fused backends run the CPU self-attentions on the content/position attention kernel (the
+    head split in two halves); output and q/k/v gradients as the original's materialised softmax
+    computes them in float64, with a key padding mask; an item whose keys are all padding gives
+    zeros (the original: NaN). Dropout, a general mask or bfloat16 go to SDPA instead."""
+    from conftest_model import _cpu_backend_missing
+
+    from dabdetr.models.transformer import _attention, _cpu_kernel_serves
+
+    if _cpu_backend_missing():
+        pytest.skip(_cpu_backend_missing())
+    B, H, N = 3, 4, 37
+    q, k, v = (torch.randn(B, N, H, d, generator=gen, dtype=torch.float64).transpose(1, 2) for _ in range(3))
+    kpm = torch.zeros(B, N, dtype=torch.bool)
+    kpm[1, 29:] = True
+    kpm[2, :] = True  # all padding
+    g = torch.randn(B, H, N, d, generator=gen, dtype=torch.float64)
+
+    def run(backend, x_dtype):
+        xs = [t.detach().to(x_dtype).requires_grad_(True) for t in (q, k, v)]
+        out = _attention(*xs, None, 0.0, backend, kpm)
+        out.backward(g.to(x_dtype))
+        return out.detach().double(), [t.grad.double() for t in xs]
+
+    assert _cpu_kernel_serves(q.to(dtype), "cpu", 0.0, None) and _cpu_kernel_serves(q.to(dtype), None, 0.0, None)
+    ref, ref_g = run("torch", torch.float64)
+    out, grads = run("cpu", dtype)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    live = slice(0, 2)  # the items with keys left
+    assert torch.allclose(out[live], ref[live], rtol=0, atol=tol * ref[live].abs().max().item())
+    for a, b in zip(grads, ref_g):
+        assert torch.allclose(a[live], b[live], rtol=0, atol=tol * b[live].abs().max().item() + 1e-12)
+    assert ref[2].isnan().all() and (out[2] == 0).all() and all((t[2] == 0).all() for t in grads)
+    x = q.to(dtype)
+    assert not _cpu_kernel_serves(x, "cpu", 0.1, None)
+    assert not _cpu_kernel_serves(x, "cpu", 0.0, torch.ones(1, 1, N, N, dtype=torch.bool))
+    assert not _cpu_kernel_serves(x.bfloat16(), "cpu", 0.0, None) and not _cpu_kernel_serves(x, "triton", 0.0, None)
+    # the SDPA fallback (a general mask) combines it with the key padding mask
+    allowed = torch.rand(1, 1, N, N, generator=gen) > 0.3
+    allowed[..., 0] = True
+    xs = [t.to(dtype) for t in (q, k, v)]
+    a = _attention(*xs, allowed, 0.0, "cpu", kpm)[:2].double()
+    b = _attention(*[t for t in (q, k, v)], allowed, 0.0, "torch", kpm)[:2]
+    assert torch.allclose(a, b, rtol=0, atol=tol * b.abs().max().item())

@@ -2,8 +2,9 @@
 
 Faithful to the original ``models/DAB_DETR/transformer.py`` (REFERENCE.md §2-§4), with two layout
 changes that do not change the math: tensors are batch-first (``[B, N, C]``) inside, and attention
-runs through ``F.scaled_dot_product_attention`` (self-attention) and
-:func:`dabdetr.ops.content_position_attention` (the decoder's split cross-attention). Parameter names
+runs through ``F.scaled_dot_product_attention`` (self-attention; on the CPU the cross-attention's
+kernel, see ``_attention``) and :func:`dabdetr.ops.content_position_attention` (the decoder's split
+cross-attention). Parameter names
 are the original's (``sa_qcontent_proj``, ``ca_kpos_proj``, ``self_attn.in_proj_weight`` ...), so the
 original checkpoints load with an identity key map.
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import _dispatch
 from .box_ops import at_least_float32, inverse_sigmoid
 
 __all__ = ["MLP", "TransformerEncoderLayer", "TransformerEncoder", "TransformerDecoderLayer",
@@ -128,12 +130,43 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
+def _cpu_kernel_serves(q: Tensor, backend: Optional[str], dropout_p: float, attn_mask: Optional[Tensor]) -> bool:
+    """Whether a fused-backend self-attention runs on the CPU kernel of
+    :func:`dabdetr.ops.content_position_attention` rather than SDPA: CPU float32/float64 inputs
+    without dropout or a general mask (a key padding mask is fine), where that op's automatic (or
+    the requested) backend is ``"cpu"``. Measured on a 2-core Zen 4 (float32, 8 heads of 32,
+    forward+backward): 26.6 vs 37.7 ms at 1050 tokens (R50's encoder at 800x1333), 3.5 vs 4.4 ms at
+    2 x 256, 5.4 vs 6.0 ms at 2 x 300 (the decoder's self-attention)."""
+    if q.device.type != "cpu" or dropout_p > 0 or attn_mask is not None or q.shape[-1] < 2:
+        return False
+    if q.dtype not in (torch.float32, torch.float64) or backend not in (None, "cpu"):
+        return False
+    try:
+        return _dispatch.resolve("content_position_attention", q.device, backend, dtype=q.dtype) == "cpu"
+    except ops.BackendError:
+        return False
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float,
-               backend: Optional[str]) -> Tensor:
-    """Multi-head attention on ``[B, H, N, d]``, ``attn_mask`` bool (True = may attend).
+               backend: Optional[str], key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """Multi-head attention on ``[B, H, N, d]``; ``attn_mask`` bool ``[B|1, 1, Nq, Nk]`` (True = may
+    attend), ``key_padding_mask`` bool ``[B, Nk]`` (True = padding, DETR's convention).
     ``backend="torch"``: the original's computation (``nn.MultiheadAttention`` with its default
     ``need_weights=True``: the scaled logits, masked, softmax, dropout, the weighted sum, with the
-    probabilities materialised); any other backend: SDPA (:func:`_sdpa`)."""
+    probabilities materialised). Any other backend: on the CPU where :func:`_cpu_kernel_serves`,
+    the content/position attention kernel with the head split in two halves (``q·k = q[:h]·k[:h] +
+    q[h:]·k[h:]``, the same logits), else SDPA (:func:`_sdpa`). Rows whose keys are all padding
+    give zeros from the kernel (NaN from the other two)."""
+    if backend != "torch" and _cpu_kernel_serves(q, backend, dropout_p, attn_mask):
+        d = q.shape[-1]
+        h = d // 2
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, N, H, d] views
+        out = ops.content_position_attention(qt[..., :h], qt[..., h:], kt[..., :h], kt[..., h:], vt,
+                                             key_padding_mask=key_padding_mask, scale=d ** -0.5, backend=backend)
+        return out.transpose(1, 2)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask[:, None, None, :]
+        attn_mask = keep if attn_mask is None else attn_mask & keep
     if backend != "torch":
         return _sdpa(q, k, v, attn_mask, dropout_p)
     logits = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
@@ -159,8 +192,8 @@ def _merge(x: Tensor) -> Tensor:
 
 class EncoderSelfAttention(nn.Module):
     """``nn.MultiheadAttention``'s parameters (``in_proj_weight`` rows q | k | v, ``out_proj``); q and
-    k share their input (``src + pos``), v gets ``src``. Fused backends: q and k from one GEMM, SDPA;
-    ``backend="torch"``: the original's per-projection GEMMs and attention (:func:`_attention`)."""
+    k share their input (``src + pos``), v gets ``src``. Fused backends: q and k from one GEMM;
+    ``backend="torch"``: the original's per-projection GEMMs; the attention: :func:`_attention`."""
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0):
         super().__init__()
@@ -183,9 +216,8 @@ class EncoderSelfAttention(nn.Module):
         else:
             q, k = F.linear(qk, w[:2 * d], b[:2 * d]).split(d, dim=-1)
         v = F.linear(v, w[2 * d:], b[2 * d:])
-        attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        out = _attention(_heads(q, self.nhead), _heads(k, self.nhead), _heads(v, self.nhead), attn_mask,
-                         self.dropout if self.training else 0.0, self.backend)
+        out = _attention(_heads(q, self.nhead), _heads(k, self.nhead), _heads(v, self.nhead), None,
+                         self.dropout if self.training else 0.0, self.backend, key_padding_mask)
         return self.out_proj(_merge(out))
 
 
