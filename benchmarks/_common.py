@@ -421,6 +421,25 @@ def _read_cpu_model() -> Optional[str]:
     return platform.processor() or None
 
 
+MALLOC_CHOICES = ("retain", "default")
+MALLOC_HELP = ("CPU: retain = glibc keeps freed memory for reuse (dabdetr.cpu_memory, what `dabdetr train` does; "
+               "default), default = glibc's own policy (freed blocks over its mmap threshold go back to the "
+               "kernel and are page-faulted in again, which costs the providers with larger temporaries more)")
+
+
+def apply_malloc_policy(device: str, mode: str) -> str:
+    """The ``--malloc`` option of the benchmarks, applied to this process before anything is
+    measured (every provider alike): ``"retain"`` on the CPU calls
+    :func:`dabdetr.cpu_memory.retain_freed_memory`. Returns the policy in force, for the results."""
+    if mode not in MALLOC_CHOICES:
+        raise ValueError(f"--malloc must be one of {MALLOC_CHOICES}, not {mode!r}")
+    if mode == "default" or torch.device(device).type != "cpu":
+        return "default"
+    from dabdetr.cpu_memory import retain_freed_memory
+
+    return "retain" if retain_freed_memory() else "default (retain unavailable: not glibc)"
+
+
 def cpu_capability() -> Optional[str]:
     """torch's CPU capability (``"AVX512"``, ``"AVX2"``, ``"DEFAULT"``...), or None if unknown."""
     try:

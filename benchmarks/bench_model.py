@@ -942,10 +942,7 @@ def parse_args(argv=None):
     p.add_argument("--no-decoder", dest="decoder", action="store_false", help="skip the decoder fwd+bwd timing")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--malloc", choices=["retain", "default"], default="retain",
-                   help="CPU: retain = glibc keeps freed memory for reuse (dabdetr.cpu_memory, what `dabdetr "
-                        "train` does; default), default = glibc's own policy (freed blocks over its mmap "
-                        "threshold go back to the kernel and are faulted in again)")
+    p.add_argument("--malloc", choices=C.MALLOC_CHOICES, default="retain", help=C.MALLOC_HELP)
     p.add_argument("--quick", action="store_true",
                    help="tiny preset (num_classes=5), 96x128 batch 2, few iterations (CI smoke test)")
     p.add_argument("--time-limit", type=float, default=None,
@@ -1000,11 +997,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     threads = C.set_threads(args.threads)
     device = args.device
-    malloc = "default"
-    if args.malloc == "retain" and torch.device(device).type == "cpu":
-        from dabdetr.cpu_memory import retain_freed_memory
-
-        malloc = "retain" if retain_freed_memory() else "default (retain unavailable: not glibc)"
+    malloc = C.apply_malloc_policy(device, args.malloc)
     preset = get_preset(args.preset)
     cfg = preset.model.replace(**args.overrides)
     recipe = preset.recipe

@@ -38,7 +38,9 @@ padding the bottom/right of image 1's feature map, and scale 1/8 (1/sqrt(Dc + Dp
 
 Timing: see ``benchmarks/_common.py`` (median of round-robin samples after warm-up; CUDA events on
 GPU, perf_counter on CPU). Before timing, each provider's forward output and gradients are compared
-with eager's (``max_rel_err`` in the JSON; a warning is printed above the tolerance).
+with eager's (``max_rel_err`` in the JSON; a warning is printed above the tolerance). On the CPU the
+process keeps freed memory for reuse (``--malloc retain``, default; ``--malloc default`` for glibc's
+policy, under which the eager references' large temporaries are page-faulted in afresh every call).
 
 Output: a Markdown table on stdout (progress on stderr) and a JSON file (rows + environment:
 host, CPU, cores, versions, GPU, git sha/dirty, date, command line), by default
@@ -771,6 +773,7 @@ def parse_args(argv=None):
                    help="seconds of samples per provider and measurement (default 1.0; --quick 0.02)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls before timing (default 3; --quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
+    p.add_argument("--malloc", choices=C.MALLOC_CHOICES, default="retain", help=C.MALLOC_HELP)
     p.add_argument("--out", default=None,
                    help="JSON path (default benchmarks/results/ops_<device>_<dtype>_<host or gpu>.json); "
                         "'-' for none")
@@ -834,6 +837,7 @@ def main(argv=None) -> int:
 
     threads = C.set_threads(args.threads)
     device, dtype = args.device, C.DTYPES[args.dtype]
+    malloc = C.apply_malloc_policy(device, args.malloc)
     if args.quick:
         timing_kw = dict(min_time=0.02, min_samples=3, max_samples=5, warmup=1)
     else:
@@ -869,7 +873,7 @@ def main(argv=None) -> int:
             "complete": complete,  # False: written after a case, the run did not finish (yet)
             "environment": env,
             "settings": {"device": device, "dtype": args.dtype, "quick": args.quick, "modes": args.modes,
-                         "ops": args.ops, "compile": args.compile, "timing": timing_kw},
+                         "ops": args.ops, "compile": args.compile, "timing": timing_kw, "malloc": malloc},
             "peaks": peaks,
             "rows": rows,
             "memory": mem,
@@ -889,7 +893,8 @@ def main(argv=None) -> int:
         print(ops_table(rows, peaks is not None))
         print("\nmedian of round-robin samples; 'vs eager' = eager median / provider median; "
               "'vs compile' likewise for the fused backends. fwd = forward with autograd recording; "
-              "bwd = backward only (forward untimed, fresh graph per call); fwd+bwd = both.")
+              "bwd = backward only (forward untimed, fresh graph per call); fwd+bwd = both."
+              + (f" CPU memory policy (`--malloc`): {malloc}." if torch.device(device).type == "cpu" else ""))
         if peaks:
             name = env.get("gpu", {}).get("name") or env["cpu_model"] or device
             print("\n" + peaks_table(peaks, device, name))
