@@ -19,8 +19,9 @@ fragmentation can raise it a little (R50 train step at 800x1333: peak RSS 2.79 -
 3.14 -> 3.49 GB eager).
 
 A process-wide setting, so the library never applies it on import: ``dabdetr train`` does on the
-CPU (``TrainConfig.cpu_retain_memory``, default on) and ``dabdetr bench model`` does for every
-provider alike (``--malloc``). Call it early in your own CPU training script to get the same.
+CPU (``TrainConfig.cpu_retain_memory``, default on), as do ``dabdetr eval`` and ``dabdetr predict``
+(unless the checkpoint's training settings turned it off), and the benchmarks do for every provider
+alike (``--malloc``). Call it early in your own CPU training script to get the same.
 """
 
 from __future__ import annotations
