@@ -51,7 +51,9 @@ def test_retained_memory_is_reused_without_page_faults():
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
     default = _fault_rounds("default")
     retain = _fault_rounds("retain")
-    # glibc's default: every round maps and faults in the whole block again
-    assert min(default[4:]) >= 0.9 * pages, default
+    # glibc's default: every round maps and faults in the whole block again (16384 faults of 4 KiB
+    # pages, or 32 of 2 MiB where transparent huge pages are "always" on)
+    assert min(default[4:]) >= min(0.9 * pages, (64 << 20) // (2 << 20)), default
     # retained: once the heap has grown (a few rounds), the freed block is reused as it is
-    assert max(retain[6:]) <= 0.02 * pages, retain
+    # (a few pages at most: allocator bookkeeping)
+    assert max(retain[6:]) <= 8, retain
