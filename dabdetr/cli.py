@@ -236,12 +236,12 @@ def _load_model(path: str, device: Optional[str]):
     obj = safe_load(path)
     model = load_checkpoint(obj)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    train = obj.get("train", {}) if isinstance(obj, dict) else {}
-    if dev.type == "cpu" and (train or {}).get("cpu_retain_memory", True):
+    train = (obj.get("train") if isinstance(obj, dict) else None) or {}
+    if dev.type == "cpu" and train.get("cpu_retain_memory", True):
         from .cpu_memory import retain_freed_memory
 
         retain_freed_memory()  # as training does: eval/predict make the same temporaries per batch
-    return model.to(dev).eval(), train or {}, dev
+    return model.to(dev).eval(), train, dev
 
 
 def cmd_eval(args) -> int:

@@ -585,5 +585,5 @@ def test_self_attention_on_the_cpu_kernel_matches_the_original(d, dtype, gen):
     allowed[..., 0] = True
     xs = [t.to(dtype) for t in (q, k, v)]
     a = _attention(*xs, allowed, 0.0, "cpu", kpm)[:2].double()
-    b = _attention(*[t for t in (q, k, v)], allowed, 0.0, "torch", kpm)[:2]
+    b = _attention(q, k, v, allowed, 0.0, "torch", kpm)[:2]
     assert torch.allclose(a, b, rtol=0, atol=tol * b.abs().max().item())

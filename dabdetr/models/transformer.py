@@ -158,11 +158,12 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dro
     q[h:]·k[h:]``, the same logits), else SDPA (:func:`_sdpa`). Rows whose keys are all padding
     give zeros from the kernel (NaN from the other two)."""
     if backend != "torch" and _cpu_kernel_serves(q, backend, dropout_p, attn_mask):
+        # the backend is resolved (DABDETR_BACKEND included): the op gets "cpu", not a second choice
         d = q.shape[-1]
         h = d // 2
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, N, H, d] views
         out = ops.content_position_attention(qt[..., :h], qt[..., h:], kt[..., :h], kt[..., h:], vt,
-                                             key_padding_mask=key_padding_mask, scale=d ** -0.5, backend=backend)
+                                             key_padding_mask=key_padding_mask, scale=d ** -0.5, backend="cpu")
         return out.transpose(1, 2)
     if key_padding_mask is not None:
         keep = ~key_padding_mask[:, None, None, :]
