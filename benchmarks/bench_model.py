@@ -32,6 +32,9 @@ is a base and ``+`` options:
     +cl             channels_last model weights and images (``fused`` on the CPU already runs
                     channels-last activations; this also changes ``eager``).
     +fusedopt       ``AdamW(fused=True)`` (already the default of ``fused``; changes ``eager``).
+    +winograd       (fused only) on the CPU, the backbone's 3x3 stride-1 convolutions of >= 128
+                    channels as Winograd F(4, 3) / F(2, 3) (``ResNet.cpu_winograd``,
+                    ``models/winograd.py``): fewer multiply-adds, different float rounding.
 Default: eager, fused, fused+compile, and with ``--bf16`` (default on CUDA, off on the CPU) each of
 them +bf16. Every provider starts from the same weights (one model is built, each provider gets a
 copy, and its weights are reset from that state dict before each measurement).
@@ -113,7 +116,7 @@ from dabdetr.models import DABDETR, flops, get_preset
 from dabdetr.train_presets import parse_value
 
 DEFAULT_PROVIDERS = ("eager", "fused", "fused+compile")
-OPTIONS = ("compile", "bf16", "cl", "fusedopt")
+OPTIONS = ("compile", "bf16", "cl", "fusedopt", "winograd")
 PHASES_FULL = ("backbone fwd", "encoder fwd", "decoder fwd", "other fwd", "loss+matcher", "heads+loss bwd",
                "decoder bwd", "encoder bwd", "other bwd", "backbone bwd", "optimizer")
 PHASES_COMPILED = ("forward", "loss+matcher", "backward", "optimizer")
@@ -142,6 +145,7 @@ class Provider:
     bf16: bool = False
     channels_last: bool = False
     fused_optimizer: bool = False
+    winograd: bool = False
 
     @property
     def baseline(self) -> str:
@@ -158,8 +162,11 @@ def parse_provider(name: str) -> Provider:
     if unknown:
         raise ValueError(f"provider {name!r}: unknown option(s) {unknown}; expected some of {', '.join(OPTIONS)}")
     canon = "+".join([base] + [o for o in OPTIONS if o in opts])  # fixed option order
+    if "winograd" in opts and base == "eager":
+        raise ValueError(f"provider {name!r}: +winograd is an option of the fused backends (eager keeps the "
+                         "original's convolutions)")
     return Provider(canon, "torch" if base == "eager" else None, "compile" in opts, "bf16" in opts, "cl" in opts,
-                    "fusedopt" in opts)
+                    "fusedopt" in opts, "winograd" in opts)
 
 
 def provider_list(names: Optional[Sequence[str]], bf16: bool) -> List[Provider]:
@@ -321,6 +328,7 @@ class Runner:
         self.prov, self.device, self.base_sd = prov, device, base_sd
         model = copy.deepcopy(base)
         model.set_backend(prov.backend)
+        model.backbone[0].body.cpu_winograd = prov.winograd
         model.to(device)
         images, mask, targets = batch
         if prov.channels_last:

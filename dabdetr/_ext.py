@@ -1,7 +1,7 @@
 """Loading of the compiled extension ``dabdetr._C`` (C++ CPU kernels, CUDA kernels when built).
 
-The extension only registers operators with the dispatcher (``TORCH_LIBRARY(dabdetr, m)``); it has
-no Python API. Importing it is optional: without it every op runs its reference implementation.
+The extension only registers operators with the dispatcher (``TORCH_LIBRARY(dabdetr, m)``, and the
+backbone's Winograd transforms, ``TORCH_LIBRARY(dabdetr_winograd, m)``); it has no Python API. Importing it is optional: without it every op runs its reference implementation.
 
 ``DABDETR_LIBRARY=/path/to/lib.so`` loads a specific build instead of ``dabdetr._C`` (useful to
 test a build made outside the source tree).

@@ -34,14 +34,15 @@ def test_bench_ops_quick(tmp_path):
 
 
 def test_bench_model_quick(tmp_path):
-    """bench_model.py --quick (tiny preset, 96x128 batch 2) with every kind of provider; compile
+    """bench_model.py --quick (tiny preset, 96x128 batch 2) with every kind of provider (+winograd
+    included: the tiny backbone's 128-channel layer4 takes it); compile
     through the aot_eager backend (inductor's cold compile would dominate a smoke test); one thread
     (OpenMP threads spin at barriers when another process holds the cores)."""
     out = tmp_path / "model.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--device", "cpu", "--quick", "--threads", "1",
-         "--providers", "eager,fused,fused+compile", "--compile-backend", "aot_eager", "--no-plot",
+         "--providers", "eager,fused,fused+compile,fused+winograd", "--compile-backend", "aot_eager", "--no-plot",
          "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=600,
     )
@@ -51,7 +52,7 @@ def test_bench_model_quick(tmp_path):
     data = json.loads(out.read_text())
     assert data["benchmark"] == "bench_model" and data["settings"]["preset"] == "tiny"
     (case,) = data["cases"]
-    assert set(case["providers"]) == {"eager", "fused", "fused+compile"}
+    assert set(case["providers"]) == {"eager", "fused", "fused+compile", "fused+winograd"}
     for name, p in case["providers"].items():
         assert not p.get("errors"), (name, p.get("errors"))
         assert p["train_step"]["median_ms"] > 0 and p["infer"]["median_ms"] > 0, name

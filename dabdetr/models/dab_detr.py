@@ -163,6 +163,7 @@ class DABDETR(nn.Module):
         self.aux_loss = c.aux_loss
         body = Backbone(c.backbone, c.dilation, c.train_backbone, c.backbone_trainable_layers, c.backbone_norm,
                         c.frozen_bn_eps, c.backbone_width, c.backbone_stages)
+        body.body.cpu_winograd = c.backbone_winograd
         pe = PositionEmbeddingSineHW(d // 2, c.pe_temperature_h, c.pe_temperature_w, normalize=True,
                                      backend=c.backend)
         self.backbone = Joiner(body, pe)

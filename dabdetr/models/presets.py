@@ -29,6 +29,9 @@ class DABDETRConfig:
     frozen_bn_eps: float = 1e-5
     backbone_width: int = 64  # ResNet stem width (64: torchvision's; smaller for the tiny preset)
     backbone_stages: int = 4  # 3: the ResNet up to layer3 (output stride 16, no layer4; a cheap CPU backbone)
+    # fused backends on the CPU: Winograd F(4,3)/F(2,3) for the 3x3 stride-1 convolutions of >= 128
+    # channels (faster, different float rounding: ResNet.cpu_winograd)
+    backbone_winograd: bool = False
     # position encodings
     pe_temperature_h: float = 20.0
     pe_temperature_w: float = 20.0
