@@ -82,3 +82,22 @@ def test_environment_reads_the_nvidia_driver_version():
     assert C.nvidia_driver_version("no driver here") is None
     info = C.cuda_driver_info()
     assert set(info) == {"cuda_driver_api", "nvidia_driver"}
+
+
+def test_bench_winograd_quick(tmp_path):
+    """bench_winograd.py --quick: every 3x3 stride-1 shape of the R50 body timed against the direct
+    path, with the float32 errors against float64 (bounded as in test_winograd)."""
+    out = tmp_path / "wino.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_winograd.py"), "--quick", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| layer" in proc.stdout and (tmp_path / "wino.md").exists()
+    data = json.loads(out.read_text())
+    (case,) = data["cases"]
+    assert [r["layer"] for r in case["rows"]] == ["layer1", "layer2", "layer3", "layer4"]
+    assert [r["count"] for r in case["rows"]] == [3, 3, 5, 2]  # R50's 3x3 stride-1 convolutions
+    for r in case["rows"]:
+        assert set(r["fwd_ms"]) == {"direct", "F(2,3)", "F(4,3)"} and min(r["fwd_ms"].values()) > 0
+        assert ("fwd_bwd_ms" in r) == r["trains"] == (r["layer"] != "layer1")
+        assert r["error"]["direct"] < 1e-5 and r["error"]["F(2,3)"] < 2e-5 and r["error"]["F(4,3)"] < 1e-4

@@ -117,7 +117,8 @@ def test_double_backward(m, transforms):
 @pytest.mark.parametrize("m,bound", [(2, 2e-6), (4, 2e-5)])
 def test_float32_error_against_float64(m, bound):
     """R50-like layer (256 channels, He-initialised weights): the float32 output error relative to
-    the output magnitude. Measured ~1.5e-6 (F(2, 3)), ~8e-6 (F(4, 3)); oneDNN's direct ~2e-6."""
+    the output magnitude. Measured (bench_winograd.py, R50 shapes) ~4e-7 (F(2, 3)), 6-8e-6 (F(4, 3));
+    oneDNN's direct 1-2e-6."""
     g = torch.Generator().manual_seed(m)
     x = torch.randn(1, 256, 20, 24, generator=g).relu()
     weight = torch.randn(256, 256, 3, 3, generator=g) * (2 / (9 * 256)) ** 0.5
@@ -191,9 +192,24 @@ def _body(dtype=torch.float64):
     return body
 
 
-def test_backbone_takes_the_3x3_stride1_convolutions_of_64_channels_and_more(monkeypatch):
-    body = _body()
-    narrow = bb.resnet("resnet18", width=32).double()  # layer1: 32 channels
+@pytest.mark.parametrize("shape,channels,tile", [
+    ((1, 64, 200, 334), 64, 4), ((2, 512, 16, 16), 512, 2), ((1, 512, 25, 42), 512, 2),
+    ((2, 256, 32, 32), 256, 4), ((1, 256, 24, 24), 256, 4),  # 36 tiles
+    ((1, 256, 16, 16), 256, 0),  # 16 tiles < 32
+    ((1, 512, 12, 12), 512, 0),  # F(2, 3): 36 tiles < 128
+    ((1, 32, 64, 64), 32, 0),  # narrower than 64 channels
+])
+def test_winograd_rule(shape, channels, tile):
+    """Which tile the backbone picks: >= 64 channels, F(2, 3) above 256, enough tiles."""
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    assert bb._winograd_tile(conv, torch.empty(shape)) == tile
+    assert bb._winograd_tile(torch.nn.Conv2d(channels, channels, 3, stride=2, padding=1), torch.empty(shape)) == 0
+    assert bb._winograd_tile(conv, torch.empty(shape, dtype=torch.float16)) == 0
+
+
+def test_backbone_takes_the_convolutions_the_rule_picks(monkeypatch):
+    body = _body(torch.float32)
+    narrow = bb.resnet("resnet18", width=32)  # layer1: 32 channels
     narrow.set_backend("cpu")
     body.cpu_winograd = narrow.cpu_winograd = True
     assert body.cpu_winograd
@@ -205,30 +221,30 @@ def test_backbone_takes_the_3x3_stride1_convolutions_of_64_channels_and_more(mon
         return real(x, weight, bias, m)
 
     monkeypatch.setattr(wg, "winograd_conv3x3", spy)
-    body(torch.randn(1, 3, 64, 64, dtype=torch.float64))
-    # resnet18: layer1 has 4 stride-1 3x3 convolutions of 64 channels, layer2-4 3 each (the first
-    # block's conv1 has stride 2); 512 channels: F(2, 3)
-    assert sorted(calls) == sorted([((64, 64, 3, 3), 4)] * 4 + [((128, 128, 3, 3), 4)] * 3
-                                   + [((256, 256, 3, 3), 4)] * 3 + [((512, 512, 3, 3), 2)] * 3)
+    x = torch.randn(1, 3, 256, 256)
+    body(x)
+    # resnet18 at 256x256: layer1 (64 channels, 64x64: 256 tiles) has 4 stride-1 3x3 convolutions,
+    # layer2 (128, 32x32: 64 tiles) 3 (the first block's conv1 has stride 2); layer3 (256, 16x16:
+    # 16 tiles) and layer4 (512, 8x8: 16 tiles of F(2, 3)) have too few tiles
+    assert sorted(calls) == sorted([((64, 64, 3, 3), 4)] * 4 + [((128, 128, 3, 3), 4)] * 3)
     calls.clear()
-    narrow(torch.randn(1, 3, 64, 64, dtype=torch.float64))  # its 32-channel layer1 stays direct
-    assert sorted(calls) == sorted([((64, 64, 3, 3), 4)] * 3 + [((128, 128, 3, 3), 4)] * 3
-                                   + [((256, 256, 3, 3), 4)] * 3)
+    narrow(x)  # layer1 32 channels: direct; layer2 64 channels at 32x32: 64 tiles
+    assert sorted(calls) == sorted([((64, 64, 3, 3), 4)] * 3)
     calls.clear()
     body.set_backend("torch")  # the eager baseline keeps the original's convolutions
-    body(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    body(x)
     assert calls == []
     body.set_backend("cpu")
     body.cpu_winograd = False
     assert not body.cpu_winograd
-    body(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+    body(x)
     assert calls == []
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
 def test_backbone_with_winograd_matches_the_direct_path(dtype, tol):
     body = _body(dtype)
-    x = torch.randn(2, 3, 72, 88, dtype=dtype)
+    x = torch.randn(2, 3, 160, 224, dtype=dtype)  # layer1 and layer2 take Winograd (rule above), layer3-4 not
     outs, grads = [], []
     for on in (False, True):
         body.cpu_winograd = on
@@ -246,16 +262,16 @@ def test_backbone_with_winograd_matches_the_direct_path(dtype, tol):
 def test_backbone_with_winograd_compiles_fullgraph():
     body = _body(torch.float32)
     body.cpu_winograd = True
-    x = torch.randn(1, 3, 64, 96)
+    x = torch.randn(1, 3, 160, 224)  # layer1-2 on Winograd
     y0 = body(x)
     y0.sum().backward()
-    g0 = body.layer3[1].conv2.weight.grad.clone()
+    g0 = body.layer2[1].conv2.weight.grad.clone()
     body.zero_grad(set_to_none=True)
     compiled = torch.compile(body, fullgraph=True, dynamic=False)
     y1 = compiled(x)
     y1.sum().backward()
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(body.layer3[1].conv2.weight.grad, g0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(body.layer2[1].conv2.weight.grad, g0, rtol=1e-4, atol=1e-4)
 
 
 def test_model_config_switches_it_on():

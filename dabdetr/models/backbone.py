@@ -152,6 +152,13 @@ _NCHW_WGRAD_MIN_CHANNELS = 128
 # frozen): 22.0 -> 17.7 and 10.8 -> 8.2 ms.
 _WINOGRAD_MIN_CHANNELS = 64
 _WINOGRAD_F4_MAX_CHANNELS = 256  # wider: F(2, 3)
+# ... and enough tiles: the weight transform and the transformed weights ((m+2)^2 C K values) cost
+# the same whatever the map size, the GEMMs' saving grows with it. Measured crossovers
+# (benchmarks/bench_winograd.py, 128-384 px images): F(4, 3) at 256 channels loses on 16 tiles
+# (0.88x), wins on 36 (1.32x); at 128 channels it wins from 16; F(2, 3) at 512 channels loses on 36
+# tiles (0.76x), wins on 128 (1.18x). Rule: at least max(32, max(C, K) / 8) tiles for F(4, 3),
+# max(C, K) / 4 for F(2, 3).
+_WINOGRAD_MIN_TILES = 32
 
 
 def _winograd_tile(conv: nn.Conv2d, x: Tensor) -> int:
@@ -159,7 +166,12 @@ def _winograd_tile(conv: nn.Conv2d, x: Tensor) -> int:
     if (not winograd.conv_supported(conv, x) or min(conv.in_channels, conv.out_channels) < _WINOGRAD_MIN_CHANNELS
             or torch.is_autocast_enabled("cpu")):
         return 0
-    return 4 if max(conv.in_channels, conv.out_channels) <= _WINOGRAD_F4_MAX_CHANNELS else 2
+    wide = max(conv.in_channels, conv.out_channels)
+    m = 4 if wide <= _WINOGRAD_F4_MAX_CHANNELS else 2
+    n, _, h, w = x.shape
+    tiles = n * -(-h // m) * -(-w // m)
+    enough = max(_WINOGRAD_MIN_TILES, wide // 8) if m == 4 else wide // 4
+    return m if tiles >= enough else 0
 
 
 def _conv2d(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor], use_winograd: bool = False) -> Tensor:
@@ -323,9 +335,10 @@ class ResNet(nn.Module):
     @property
     def cpu_winograd(self) -> bool:
         """Whether the fused backends run the blocks' 3x3 stride-1 convolutions of >= 64 channels
-        on the CPU as Winograd F(4, 3) / F(2, 3) (:mod:`.winograd`; see ``_WINOGRAD_MIN_CHANNELS``
-        for the measured gain). Off by default: the same function with different float rounding
-        (float32 output errors ~2-7x the direct convolution's). ``backend="torch"`` never uses it."""
+        on the CPU as Winograd F(4, 3) / F(2, 3) (:mod:`.winograd`), where the map has enough tiles
+        (see ``_WINOGRAD_MIN_CHANNELS`` and ``_winograd_tile`` for the measured gains). Off by
+        default: the same function with different float rounding (F(4, 3)'s float32 output errors
+        ~4-8x the direct convolution's). ``backend="torch"`` never uses it."""
         return any(getattr(m, "winograd", False) for m in self.modules())
 
     @cpu_winograd.setter

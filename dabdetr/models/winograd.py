@@ -9,8 +9,9 @@ where the direct convolution does 144 (4x fewer multiply-adds in the GEMMs), F(2
 transformed weights small next to the activations (see ``choose_tile``).
 
 Numerics: the same function in exact arithmetic, not the same rounding. In float32, F(4, 3)'s
-output error against a float64 reference is ~4-7x that of oneDNN's direct convolution (measured on
-R50 shapes: ~4e-5 vs ~8e-6 absolute on outputs of magnitude ~5), F(2, 3)'s ~2x; cuDNN runs the
+output error against a float64 reference is ~4-8x that of oneDNN's direct convolution (R50 shapes,
+He-initialised weights: 6-8e-6 vs 1-2e-6 relative to the output's maximum; F(2, 3): ~4e-7, below
+the direct one's; benchmarks/bench_winograd.py prints them); cuDNN runs the
 original DAB-DETR's convolutions with the same family of algorithms on GPUs. That is why it is a
 choice (``ResNet.cpu_winograd``, the ``+winograd`` benchmark providers), not the fused default.
 
