@@ -32,11 +32,12 @@ is a base and ``+`` options:
     +cl             channels_last model weights and images (``fused`` on the CPU already runs
                     channels-last activations; this also changes ``eager``).
     +fusedopt       ``AdamW(fused=True)`` (already the default of ``fused``; changes ``eager``).
-    +winograd       (fused only) on the CPU, the backbone's 3x3 stride-1 convolutions of >= 128
-                    channels as Winograd F(4, 3) / F(2, 3) (``ResNet.cpu_winograd``,
-                    ``models/winograd.py``): fewer multiply-adds, different float rounding.
-Default: eager, fused, fused+compile, and with ``--bf16`` (default on CUDA, off on the CPU) each of
-them +bf16. Every provider starts from the same weights (one model is built, each provider gets a
+    +winograd       (fused only) on the CPU, the backbone's 3x3 stride-1 convolutions of >= 64
+                    channels on maps with enough tiles as Winograd F(4, 3) / F(2, 3)
+                    (``ResNet.cpu_winograd``, ``models/winograd.py``): fewer multiply-adds,
+                    different float rounding (not under autocast).
+Default: eager, fused, fused+compile (on the CPU also fused+winograd and fused+compile+winograd),
+and with ``--bf16`` (default on CUDA, off on the CPU) each of them but the +winograd ones +bf16. Every provider starts from the same weights (one model is built, each provider gets a
 copy, and its weights are reset from that state dict before each measurement).
 
 Measured per case (``--case HxW:B``, repeatable; default ``--size 800x1333 --batch 1``), on synthetic
@@ -116,6 +117,7 @@ from dabdetr.models import DABDETR, flops, get_preset
 from dabdetr.train_presets import parse_value
 
 DEFAULT_PROVIDERS = ("eager", "fused", "fused+compile")
+DEFAULT_PROVIDERS_CPU = DEFAULT_PROVIDERS + ("fused+winograd", "fused+compile+winograd")
 OPTIONS = ("compile", "bf16", "cl", "fusedopt", "winograd")
 PHASES_FULL = ("backbone fwd", "encoder fwd", "decoder fwd", "other fwd", "loss+matcher", "heads+loss bwd",
                "decoder bwd", "encoder bwd", "other bwd", "backbone bwd", "optimizer")
@@ -169,13 +171,14 @@ def parse_provider(name: str) -> Provider:
                     "fusedopt" in opts, "winograd" in opts)
 
 
-def provider_list(names: Optional[Sequence[str]], bf16: bool) -> List[Provider]:
-    names = list(names) if names else list(DEFAULT_PROVIDERS)
+def provider_list(names: Optional[Sequence[str]], bf16: bool, cpu: bool = False) -> List[Provider]:
+    names = list(names) if names else list(DEFAULT_PROVIDERS_CPU if cpu else DEFAULT_PROVIDERS)
     if not names or parse_provider(names[0]).name != "eager":
         names = ["eager"] + [n for n in names if parse_provider(n).name != "eager"]
     provs = [parse_provider(n) for n in names]
     if bf16 and not any(p.bf16 for p in provs):
-        provs += [parse_provider(p.name + "+bf16") for p in provs]
+        # no +winograd+bf16: under autocast the backbone keeps the direct convolutions
+        provs += [parse_provider(p.name + "+bf16") for p in provs if not p.winograd]
     if any(p.bf16 for p in provs) and not any(p.name == "eager+bf16" for p in provs):
         provs.insert(1, parse_provider("eager+bf16"))
     out: Dict[str, Provider] = {}
@@ -933,7 +936,8 @@ def parse_args(argv=None):
                    help="a case to run (repeatable; replaces --size/--batch), e.g. --case 800x1333:1 --case 512x512:2")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p.add_argument("--providers", default=None,
-                   help=f"comma-separated providers (default: {','.join(DEFAULT_PROVIDERS)}); options: "
+                   help=f"comma-separated providers (default: {','.join(DEFAULT_PROVIDERS)}; on the CPU also "
+                        "fused+winograd, fused+compile+winograd); options: "
                         f"{', '.join('+' + o for o in OPTIONS)}")
     p.add_argument("--bf16", dest="bf16", action="store_true", default=None,
                    help="add the +bf16 variant of each provider (default on CUDA)")
@@ -982,7 +986,7 @@ def parse_args(argv=None):
         texts = args.case or [args.size or ("96x128" if q else "800x1333")]
         args.cases = [parse_case(t, batch) for t in texts]
         names = [n for n in (args.providers.split(",") if args.providers else []) if n.strip()]
-        provs = provider_list(names or None, args.bf16)
+        provs = provider_list(names or None, args.bf16, cpu=(args.device or C.default_device()) == "cpu")
     except ValueError as exc:
         p.error(str(exc))
     if not args.compile:

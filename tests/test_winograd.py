@@ -288,10 +288,16 @@ def test_bench_model_provider_option():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.bench_model import parse_provider
+    from benchmarks.bench_model import parse_provider, provider_list
 
     p = parse_provider("fused+winograd+compile")
     assert p.name == "fused+compile+winograd" and p.winograd and p.compile
     assert not parse_provider("fused+compile").winograd
+    # default providers: the +winograd ones on the CPU only (a no-op elsewhere), never with +bf16
+    cpu = [p.name for p in provider_list(None, False, cpu=True)]
+    assert cpu == ["eager", "fused", "fused+compile", "fused+winograd", "fused+compile+winograd"]
+    assert {p.name for p in provider_list(None, True, cpu=False)} == {
+        "eager", "eager+bf16", "fused", "fused+compile", "fused+bf16", "fused+compile+bf16"}
+    assert not any(p.winograd and p.bf16 for p in provider_list(None, True, cpu=True))
     with pytest.raises(ValueError, match="winograd is an option of the fused backends"):
         parse_provider("eager+winograd")
