@@ -14,6 +14,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -63,6 +64,8 @@ struct WinoMats<4> {
 
 namespace {
 
+// The instruction set of the kernels: the best this CPU has, or at most DABDETR_WINOGRAD_ISA
+// ("sse2" / "avx2"; how the tests run the other copies on a newer CPU), read once.
 int isa_level() {
 #if DABDETR_WINO_X86
   static const int level = [] {
@@ -70,7 +73,9 @@ int isa_level() {
     const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
     const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-    return v4 ? 3 : v3 ? 2 : 1;
+    const char* env = std::getenv("DABDETR_WINOGRAD_ISA");
+    const int want = env == nullptr ? 3 : std::strcmp(env, "sse2") == 0 ? 1 : std::strcmp(env, "avx2") == 0 ? 2 : 3;
+    return std::min(want, v4 ? 3 : v3 ? 2 : 1);
   }();
   return level;
 #else
