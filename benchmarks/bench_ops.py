@@ -896,7 +896,7 @@ def main(argv=None) -> int:
               "bwd = backward only (forward untimed, fresh graph per call); fwd+bwd = both."
               + (f" CPU memory policy (`--malloc`): {malloc}." if torch.device(device).type == "cpu" else ""))
         if peaks:
-            name = env.get("gpu", {}).get("name") or env["cpu_model"] or device
+            name = env.get("gpu", {}).get("name") or C.cpu_label(env) or device
             print("\n" + peaks_table(peaks, device, name))
     if mem:
         print("\n" + memory_table(mem))
