@@ -85,7 +85,6 @@ def bench_shape(s: Dict[str, object], iters: int, seed: int) -> Dict[str, object
     ref = F.conv2d(x.double(), weight.detach().double(), padding=1)
     with torch.no_grad():
         errors = {k: rel_error(f(x), ref) for k, f in fns.items()}
-    with torch.no_grad():
         fwd = C.measure({k: (lambda f=f: f(x)) for k, f in fns.items()}, "cpu", iters=iters, warmup=2)
     row = {**s, "tile": bb._winograd_tile(conv, x), "error": errors,
            "fwd_ms": {k: t.median_ms for k, t in fwd.items()}, "fwd_iqr_ms": {k: t.iqr_ms for k, t in fwd.items()}}

@@ -169,7 +169,7 @@ def _winograd_tile(conv: nn.Conv2d, x: Tensor) -> int:
     wide = max(conv.in_channels, conv.out_channels)
     m = 4 if wide <= _WINOGRAD_F4_MAX_CHANNELS else 2
     n, _, h, w = x.shape
-    tiles = n * -(-h // m) * -(-w // m)
+    tiles = winograd.tile_grid(m, n, h, w)[2]
     enough = max(_WINOGRAD_MIN_TILES, wide // 8) if m == 4 else wide // 4
     return m if tiles >= enough else 0
 

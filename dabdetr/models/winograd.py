@@ -6,7 +6,7 @@ that into (m + 2)^2 element-wise products in a transformed domain, i.e. (m + 2)^
 the channels: ``y = A^T [(G g G^T) . (B^T d B)] A``. F(4, 3) does 36 multiplies per 16 outputs
 where the direct convolution does 144 (4x fewer multiply-adds in the GEMMs), F(2, 3) 16 per 4
 (2.25x fewer). The transforms cost memory passes, so it pays where the GEMMs are large and the
-transformed weights small next to the activations (see ``choose_tile``).
+transformed weights small next to the activations (the backbone's rule: ``backbone._winograd_tile``).
 
 Numerics: the same function in exact arithmetic, not the same rounding. In float32, F(4, 3)'s
 output error against a float64 reference is ~4-8x that of oneDNN's direct convolution (R50 shapes,
@@ -75,7 +75,8 @@ def weight_transform(weight: Tensor, m: int) -> Tensor:
     return (kg @ weight.permute(2, 3, 1, 0).reshape(9, c * k)).view((m + 2) ** 2, c, k)
 
 
-def _tiles(m: int, n: int, h: int, w: int) -> Tuple[int, int, int]:
+def tile_grid(m: int, n: int, h: int, w: int) -> Tuple[int, int, int]:
+    """``(th, tw, T)``: tile rows and columns of an ``h x w`` map, and the tiles of ``n`` maps."""
     th, tw = -(-h // m), -(-w // m)
     return th, tw, n * th * tw
 
@@ -85,7 +86,7 @@ def _tiles(m: int, n: int, h: int, w: int) -> Tuple[int, int, int]:
 def input_transform_torch(x: Tensor, m: int) -> Tensor:
     """``[N, H, W, C]`` -> ``[A², T, C]``: each tile's ``B^T d B`` (padding 1)."""
     n, h, w, c = x.shape
-    th, tw, t = _tiles(m, n, h, w)
+    th, tw, t = tile_grid(m, n, h, w)
     a = m + 2
     xp = F.pad(x, (0, 0, 1, m * tw + 1 - w, 1, m * th + 1 - h))
     s_n, s_h, s_w, _ = xp.stride()
@@ -96,7 +97,7 @@ def input_transform_torch(x: Tensor, m: int) -> Tensor:
 def input_transform_backward_torch(grad_v: Tensor, x_shape: Sequence[int], m: int) -> Tensor:
     """The adjoint of :func:`input_transform_torch`: ``B gV B^T`` of each tile, overlap-added."""
     n, h, w, c = x_shape
-    th, tw, t = _tiles(m, n, h, w)
+    th, tw, t = tile_grid(m, n, h, w)
     a = m + 2
     gd = (_kron(m, grad_v.dtype, grad_v.device)[0].t() @ grad_v.reshape(a * a, t * c)).view(a, a, n, th, tw, c)
     # padded image [N, (th + 1) m, (tw + 1) m, C] as blocks [N, th + 1, m, tw + 1, m, C]; a window
@@ -112,7 +113,7 @@ def input_transform_backward_torch(grad_v: Tensor, x_shape: Sequence[int], m: in
 def output_transform_torch(mt: Tensor, bias: Optional[Tensor], y_shape: Sequence[int], m: int) -> Tensor:
     """``[A², T, K]`` -> ``[N, H, W, K]``: each tile's ``A^T Mt A`` (+ bias), cropped."""
     n, h, w, k = y_shape
-    th, tw, t = _tiles(m, n, h, w)
+    th, tw, t = tile_grid(m, n, h, w)
     tiles = (_kron(m, mt.dtype, mt.device)[2] @ mt.reshape(-1, t * k)).view(m, m, n, th, tw, k)
     y = tiles.permute(2, 3, 0, 4, 1, 5).reshape(n, th * m, tw * m, k)[:, :h, :w]
     return (y + bias if bias is not None else y).contiguous()
@@ -121,7 +122,7 @@ def output_transform_torch(mt: Tensor, bias: Optional[Tensor], y_shape: Sequence
 def output_transform_backward_torch(grad_y: Tensor, m: int) -> Tensor:
     """The adjoint of :func:`output_transform_torch` (without the bias): ``A g A^T`` per tile."""
     n, h, w, k = grad_y.shape
-    th, tw, t = _tiles(m, n, h, w)
+    th, tw, t = tile_grid(m, n, h, w)
     gp = F.pad(grad_y, (0, 0, 0, tw * m - w, 0, th * m - h))
     tiles = gp.view(n, th, m, tw, m, k).permute(2, 4, 0, 1, 3, 5).reshape(m * m, t * k)
     return (_kron(m, grad_y.dtype, grad_y.device)[2].t() @ tiles).view(-1, t, k)
@@ -140,7 +141,7 @@ if HAS_CPP_TRANSFORMS:
     @torch.library.register_fake("dabdetr_winograd::input_transform")
     def _(x, m):
         n, h, w, c = x.shape
-        return x.new_empty(((m + 2) ** 2, n * -(-h // m) * -(-w // m), c))
+        return x.new_empty(((m + 2) ** 2, tile_grid(m, n, h, w)[2], c))
 
     @torch.library.register_fake("dabdetr_winograd::input_transform_backward")
     def _(grad_v, x_shape, m):
@@ -153,31 +154,34 @@ if HAS_CPP_TRANSFORMS:
     @torch.library.register_fake("dabdetr_winograd::output_transform_backward")
     def _(grad_y, m):
         n, h, w, k = grad_y.shape
-        return grad_y.new_empty(((m + 2) ** 2, n * -(-h // m) * -(-w // m), k))
+        return grad_y.new_empty(((m + 2) ** 2, tile_grid(m, n, h, w)[2], k))
 
 
-# ``cpp=None``: the C++ ops when loaded (HAS_CPP_TRANSFORMS, read at call time: tests switch it)
+def _use_cpp(cpp: Optional[bool]) -> bool:
+    """``cpp=None``: the C++ ops when loaded (HAS_CPP_TRANSFORMS, read at call time: tests switch it)."""
+    return HAS_CPP_TRANSFORMS if cpp is None else cpp
+
 
 def _in(x: Tensor, m: int, cpp: Optional[bool] = None) -> Tensor:
-    if HAS_CPP_TRANSFORMS if cpp is None else cpp:
+    if _use_cpp(cpp):
         return torch.ops.dabdetr_winograd.input_transform(x, m)
     return input_transform_torch(x, m)
 
 
 def _in_bwd(gv: Tensor, shape: List[int], m: int, cpp: Optional[bool] = None) -> Tensor:
-    if HAS_CPP_TRANSFORMS if cpp is None else cpp:
+    if _use_cpp(cpp):
         return torch.ops.dabdetr_winograd.input_transform_backward(gv, shape, m)
     return input_transform_backward_torch(gv, shape, m)
 
 
 def _out(mt: Tensor, bias: Optional[Tensor], shape: List[int], m: int, cpp: Optional[bool] = None) -> Tensor:
-    if HAS_CPP_TRANSFORMS if cpp is None else cpp:
+    if _use_cpp(cpp):
         return torch.ops.dabdetr_winograd.output_transform(mt, bias, shape, m)
     return output_transform_torch(mt, bias, shape, m)
 
 
 def _out_bwd(gy: Tensor, m: int, cpp: Optional[bool] = None) -> Tensor:
-    if HAS_CPP_TRANSFORMS if cpp is None else cpp:
+    if _use_cpp(cpp):
         return torch.ops.dabdetr_winograd.output_transform_backward(gy, m)
     return output_transform_backward_torch(gy, m)
 
