@@ -406,6 +406,41 @@ def test_conv2d_weight_grad_nchw_op(layout, gen):
     torch.library.opcheck(torch.ops.dabdetr_backbone.conv2d_weight_grad_nchw.default, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 128, 16, 16), (1, 48, 7, 19), (3, 17, 5, 33), (2, 3, 9, 9), (1, 1, 1, 1)])
+def test_relayout(shape, dtype, gen):
+    """dabdetr_layout::relayout (the backbone's NCHW <-> channels-last copies): the same values as
+    torch's .contiguous(memory_format) in both directions, for shapes on and off its 16 x 16 blocks
+    (power-of-two strides, odd edges, 1 channel); the op always copies, the Python wrapper returns an
+    input already in the asked layout as is; other dtypes and non-dense inputs go through torch;
+    opcheck; bad input named."""
+    from dabdetr.models import backbone as bbm
+
+    if not bbm.HAS_RELAYOUT:
+        pytest.skip("the C++ extension (dabdetr_layout::relayout) is not built")
+    op = torch.ops.dabdetr_layout.relayout
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    for src in (x, xcl):
+        for cl in (False, True):
+            y = op(src, cl)
+            fmt = torch.channels_last if cl else torch.contiguous_format
+            assert y.is_contiguous(memory_format=fmt)
+            assert torch.equal(y, x) and y.data_ptr() != src.data_ptr()  # always a copy (no alias)
+            wrapped = bbm.relayout(src, cl)
+            assert torch.equal(wrapped, x) and wrapped.is_contiguous(memory_format=fmt)
+            if src.is_contiguous(memory_format=fmt):
+                assert wrapped is src  # the wrapper skips the op
+    strided = xcl[:, :, ::2]  # neither layout: torch's copy
+    assert torch.equal(op(strided, False), strided.contiguous())
+    half = xcl.half()
+    assert torch.equal(op(half, False), half.contiguous())
+    torch.library.opcheck(op.default, (xcl, False))
+    torch.library.opcheck(op.default, (x, True))
+    with pytest.raises(RuntimeError, match="'x' must be 4-D"):
+        op(x[0], False)
+
+
 def test_fused_backends_run_the_cpu_backbone_channels_last(gen):
     """backend != "torch" on the CPU with a frozen stem: channels-last activations (the body's
     output too), unless cpu_channels_last is off; backend="torch" keeps NCHW, and so does a body
