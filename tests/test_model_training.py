@@ -442,33 +442,35 @@ def test_relayout(shape, dtype, gen):
 
 
 def test_cpu_relu_with_opaque_backward(gen):
-    """backbone._CPUReLU (the fused backends' backbone ReLU on the CPU, when a gradient is needed):
+    """activations._CPUReLU (the fused backends' backbone ReLU and the MLPs' on the CPU, when a
+    gradient is needed):
     the values and gradient of F.relu in float64, zeros included (gradient 0 at x = 0, as
     relu's own); gradgradcheck (create_graph takes a differentiable formula); opcheck of the opaque
-    dabdetr_backbone::relu_backward; under torch.compile(fullgraph=True) the same gradient;
+    dabdetr_act::relu_backward; under torch.compile(fullgraph=True) the same gradient;
     _block_relu takes it only on the fused backends, on the CPU, with a gradient."""
+    from dabdetr.models import activations as act
     from dabdetr.models import backbone as bbm
 
     x = torch.randn(2, 5, 7, 3, generator=gen, dtype=torch.float64)
     x[0, 0, 0] = 0.0
     g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ya, yb = bbm._CPUReLU.apply(xa), torch.relu(xb)
+    ya, yb = act._CPUReLU.apply(xa), torch.relu(xb)
     torch.testing.assert_close(ya, yb, rtol=0, atol=0)
     ya.backward(g)
     yb.backward(g)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
-    assert torch.autograd.gradgradcheck(bbm._CPUReLU.apply, (torch.randn(3, 4, dtype=torch.float64, generator=gen)
+    assert torch.autograd.gradgradcheck(act._CPUReLU.apply, (torch.randn(3, 4, dtype=torch.float64, generator=gen)
                                                               .requires_grad_(True),))
-    torch.library.opcheck(torch.ops.dabdetr_backbone.relu_backward.default, (g, yb.detach()))
+    torch.library.opcheck(torch.ops.dabdetr_act.relu_backward.default, (g, yb.detach()))
     xc = x.clone().float().requires_grad_(True)
-    compiled = torch.compile(lambda t: bbm._CPUReLU.apply(t * 2.0).sum(), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda t: act._CPUReLU.apply(t * 2.0).sum(), fullgraph=True, backend="aot_eager")
     compiled(xc).backward()
     torch.testing.assert_close(xc.grad, (x > 0).float() * 2.0)
     calls = []
-    orig = bbm._CPUReLU.apply
+    orig = act._CPUReLU.apply
     relu = torch.nn.ReLU(inplace=True)
-    bbm._CPUReLU.apply = lambda *a: calls.append(1) or orig(*a)
+    act._CPUReLU.apply = lambda *a: calls.append(1) or orig(*a)
     try:
         t = torch.randn(3, 4, requires_grad=True)
         bbm._block_relu(t * 1.0, relu, True)
@@ -479,7 +481,7 @@ def test_cpu_relu_with_opaque_backward(gen):
             bbm._block_relu(t * 1.0, relu, True)
         assert len(calls) == 1
     finally:
-        bbm._CPUReLU.apply = orig
+        act._CPUReLU.apply = orig
 
 
 def test_fused_backends_run_the_cpu_backbone_channels_last(gen):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _ext
-from . import winograd
+from . import activations, winograd
 
 __all__ = [
     "FrozenBatchNorm2d",
@@ -240,53 +240,12 @@ def _downsample(ds: Optional[nn.Module], x: Tensor, fold: bool) -> Tensor:
     return ds(x)
 
 
-@torch.library.custom_op("dabdetr_backbone::relu_backward", mutates_args=(), schema="(Tensor grad, Tensor out) -> Tensor")
-def relu_backward(grad: Tensor, out: Tensor) -> Tensor:
-    """The gradient of ``out = relu(x)``: ``grad`` where ``out > 0``, else 0 (``threshold_backward``).
-    Opaque to ``torch.compile``: see :class:`_CPUReLU`."""
-    return torch.ops.aten.threshold_backward(grad, out, 0.0)
-
-
-@relu_backward.register_fake
-def _(grad, out):
-    return torch.empty_like(grad)
-
-
-class _CPUReLU(torch.autograd.Function):
-    """``relu(x)`` whose backward reads the saved output through the opaque op
-    :func:`relu_backward` (a direct ``threshold_backward`` outside ``torch.compile``).
-
-    Why: compiling the training step, AOTAutograd's partitioner saves each ReLU's mask ``out <= 0``
-    as a bool tensor (smaller than the float output) and inductor's CPU code stores and loads bool
-    tensors slowly in torch 2.14 (a 1M-element ``x > 0`` to bool: 5.1 ms compiled, 0.23 ms eager;
-    ``where`` on a stored mask: 2 ms). An opaque backward keeps the mask out of the graph: the
-    float output is saved (the next convolution saves it anyway). Measured, R50 body forward +
-    backward compiled with Winograd, interleaved runs: 1111 -> 1087 ms at 512x512:2, 2159 -> 2098 ms
-    at 800x1333:1. Same values and gradients; out of place, so no in-place op meets a Winograd
-    convolution's permuted-view output (autograd would clone the whole gradient: ``CopySlices``)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        out = torch.relu(x)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (out,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: differentiable
-            return grad * (out > 0).to(grad.dtype)
-        if torch.compiler.is_compiling():
-            return relu_backward(grad, out)
-        return torch.ops.aten.threshold_backward(grad, out, 0.0)
-
-
 def _block_relu(x: Tensor, relu: nn.Module, fused: bool) -> Tensor:
-    """The backbone's ReLU (``relu``, torchvision's in-place module): on the fused backends, for a CPU
-    tensor that needs a gradient, :class:`_CPUReLU`."""
-    if fused and x.device.type == "cpu" and x.requires_grad and torch.is_grad_enabled():
-        return _CPUReLU.apply(x)
-    return relu(x)
+    """The backbone's ReLU (``relu``, torchvision's in-place module); on the fused backends
+    :func:`.activations.relu` (a CPU tensor that needs a gradient: out of place, with an opaque
+    backward under ``torch.compile``; out of place also keeps in-place ops off a Winograd
+    convolution's permuted-view output, which would make autograd clone the whole gradient)."""
+    return activations.relu(x) if fused else relu(x)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:

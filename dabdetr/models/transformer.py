@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import _dispatch
+from . import activations
 from .box_ops import at_least_float32, inverse_sigmoid
 
 __all__ = ["MLP", "TransformerEncoderLayer", "TransformerEncoder", "TransformerDecoderLayer",
@@ -53,7 +54,7 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < self.num_layers - 1:
-                x = F.relu(x)
+                x = activations.relu(x)  # F.relu (on the CPU with an opaque backward under torch.compile)
         return x
 
 
