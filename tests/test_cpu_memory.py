@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(cpu_memory.glibc_version() is None, reason="the C library is not glibc")
 
-# A 64 MiB tensor (over glibc's largest dynamic mmap threshold, 32 MiB) made and freed 12 times;
+# A 64 MiB tensor (over glibc's largest dynamic mmap threshold, 32 MiB) made and freed 20 times;
 # the minor page faults of each round.
 _SCRIPT = r"""
 import json, resource, sys
@@ -28,7 +28,7 @@ if sys.argv[1] == "retain":
 else:
     assert not cpu_memory.is_retaining()
 rounds = []
-for _ in range(12):
+for _ in range(20):
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.ones(16 << 20)
     s = float(t[:: 1 << 16].sum())  # touched
@@ -54,6 +54,9 @@ def test_retained_memory_is_reused_without_page_faults():
     # glibc's default: every round maps and faults in the whole block again (16384 faults of 4 KiB
     # pages, or 32 of 2 MiB where transparent huge pages are "always" on)
     assert min(default[4:]) >= min(0.9 * pages, (64 << 20) // (2 << 20)), default
-    # retained: once the heap has grown (a few rounds), the freed block is reused as it is
-    # (a few pages at most: allocator bookkeeping)
-    assert max(retain[6:]) <= 8, retain
+    # retained: once the heap has settled, the freed block is reused as it is (a few pages at most:
+    # allocator bookkeeping). How many rounds the heap takes to settle varies on the CI VMs (seen:
+    # faults in rounds 2-6 of some runs, none after round 7), so the steady state is checked on the
+    # last 8 rounds, and the whole run against the default policy's.
+    assert max(retain[-8:]) <= 8, retain
+    assert sum(retain) < 0.5 * sum(default), (retain, default)
