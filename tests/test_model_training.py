@@ -441,13 +441,12 @@ def test_relayout(shape, dtype, gen):
         op(x[0], False)
 
 
-def test_cpu_relu_with_opaque_backward(gen):
-    """activations._CPUReLU (the fused backends' backbone ReLU and the MLPs' on the CPU, when a
-    gradient is needed):
-    the values and gradient of F.relu in float64, zeros included (gradient 0 at x = 0, as
-    relu's own); gradgradcheck (create_graph takes a differentiable formula); opcheck of the opaque
-    dabdetr_act::relu_backward; under torch.compile(fullgraph=True) the same gradient;
-    _block_relu takes it only on the fused backends, on the CPU, with a gradient."""
+def test_cpu_relu_with_opaque_backward(gen, monkeypatch):
+    """activations._CPUReLU (under torch.compile, the fused backends' backbone ReLU and the MLPs' on
+    the CPU, when a gradient is needed): the values and gradient of F.relu in float64, zeros
+    included (gradient 0 at x = 0, as relu's own); gradgradcheck (create_graph takes a
+    differentiable formula); opcheck of the opaque dabdetr_act::relu_backward; compiled
+    (fullgraph) the same gradient; which ReLU _block_relu / activations.relu take when."""
     from dabdetr.models import activations as act
     from dabdetr.models import backbone as bbm
 
@@ -464,24 +463,27 @@ def test_cpu_relu_with_opaque_backward(gen):
                                                               .requires_grad_(True),))
     torch.library.opcheck(torch.ops.dabdetr_act.relu_backward.default, (g, yb.detach()))
     xc = x.clone().float().requires_grad_(True)
-    compiled = torch.compile(lambda t: act._CPUReLU.apply(t * 2.0).sum(), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda t: act.relu(t * 2.0).sum(), fullgraph=True, backend="aot_eager")
     compiled(xc).backward()
     torch.testing.assert_close(xc.grad, (x > 0).float() * 2.0)
-    calls = []
-    orig = act._CPUReLU.apply
+
     relu = torch.nn.ReLU(inplace=True)
-    act._CPUReLU.apply = lambda *a: calls.append(1) or orig(*a)
-    try:
-        t = torch.randn(3, 4, requires_grad=True)
-        bbm._block_relu(t * 1.0, relu, True)
-        assert len(calls) == 1
-        bbm._block_relu(t * 1.0, relu, False)  # backend "torch": the original's in-place module
-        bbm._block_relu(t.detach().clone(), relu, True)  # no gradient
-        with torch.no_grad():
-            bbm._block_relu(t * 1.0, relu, True)
-        assert len(calls) == 1
-    finally:
-        act._CPUReLU.apply = orig
+    t = torch.randn(3, 4, requires_grad=True)
+    kind = lambda y: type(y.grad_fn).__name__  # noqa: E731
+    # eager: torchvision's in-place module; out of place after a (possibly) Winograd convolution
+    assert not act.use_cpu_relu(t * 1.0)
+    assert kind(bbm._block_relu(t * 1.0, relu, True)) == "ReluBackward0"  # in place: relu_
+    u = t * 1.0
+    assert bbm._block_relu(u, relu, True, after_winograd=True) is not u
+    assert kind(act.relu(t * 1.0)) == "ReluBackward0"
+    # while compiling (as dynamo sees it): _CPUReLU on the fused backends, for CPU tensors with a gradient
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert act.use_cpu_relu(t * 1.0) and not act.use_cpu_relu(t.detach())
+    with torch.no_grad():
+        assert not act.use_cpu_relu(t * 1.0)
+    assert kind(bbm._block_relu(t * 1.0, relu, True)) == "_CPUReLUBackward"
+    assert kind(act.relu(t * 1.0)) == "_CPUReLUBackward"
+    assert kind(bbm._block_relu(t * 1.0, relu, False)) == "ReluBackward0"  # backend "torch": the original
 
 
 def test_fused_backends_run_the_cpu_backbone_channels_last(gen):
