@@ -1,7 +1,8 @@
 """Loading of the compiled extension ``dabdetr._C`` (C++ CPU kernels, CUDA kernels when built).
 
 The extension only registers operators with the dispatcher (``TORCH_LIBRARY(dabdetr, m)``, and the
-backbone's Winograd transforms, ``TORCH_LIBRARY(dabdetr_winograd, m)``); it has no Python API. Importing it is optional: without it every op runs its reference implementation.
+backbone's CPU-only ops: the Winograd transforms, ``TORCH_LIBRARY(dabdetr_winograd, m)``, and the
+layout copy, ``TORCH_LIBRARY(dabdetr_layout, m)``); it has no Python API. Importing it is optional: without it every op runs its reference implementation.
 
 ``DABDETR_LIBRARY=/path/to/lib.so`` loads a specific build instead of ``dabdetr._C`` (useful to
 test a build made outside the source tree).
@@ -57,3 +58,15 @@ _load()
 def kernel_registered(op: str, dispatch_key: str) -> bool:
     """Whether ``dabdetr::<op>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA")."""
     return _REGISTERED.get((op, dispatch_key), False)
+
+
+def has_cpu_op(qualname: str) -> bool:
+    """Whether the loaded extension registered ``qualname`` (``"namespace::op"``) with a CPU
+    kernel: how the backbone's CPU-only ops (``dabdetr_winograd::*``, ``dabdetr_layout::relayout``)
+    tell whether they can be called."""
+    if not LOADED:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU")
+    except RuntimeError:  # "operator ... does not exist": an older build
+        return False

@@ -26,7 +26,7 @@ def _(grad, out):
 
 class _CPUReLU(torch.autograd.Function):
     """``relu(x)`` whose backward reads the saved output through the opaque op
-    :func:`relu_backward` (a direct ``threshold_backward`` outside ``torch.compile``).
+    :func:`relu_backward` (only taken while ``torch.compile`` traces: :func:`use_cpu_relu`).
 
     Why: compiling the training step, AOTAutograd's partitioner saves each ReLU's mask ``out <= 0``
     as a bool tensor (smaller than the float output) and inductor's CPU code stores and loads bool
@@ -34,8 +34,7 @@ class _CPUReLU(torch.autograd.Function):
     ``where`` on a stored mask: 2 ms). An opaque backward keeps the mask out of the graph: the
     float output is saved (the next convolution saves it anyway). Measured, R50 body forward +
     backward compiled with Winograd, interleaved runs: 1111 -> 1087 ms at 512x512:2, 2159 -> 2098 ms
-    at 800x1333:1. Same values and gradients. Outside ``torch.compile`` the backward is the same
-    ``threshold_backward`` as ``F.relu``'s."""
+    at 800x1333:1. Same values and gradients (the op is ``F.relu``'s own ``threshold_backward``)."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -48,9 +47,7 @@ class _CPUReLU(torch.autograd.Function):
         (out,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: differentiable
             return grad * (out > 0).to(grad.dtype)
-        if torch.compiler.is_compiling():
-            return relu_backward(grad, out)
-        return torch.ops.aten.threshold_backward(grad, out, 0.0)
+        return relu_backward(grad, out)
 
 
 def use_cpu_relu(x: Tensor) -> bool:

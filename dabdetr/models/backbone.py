@@ -76,7 +76,7 @@ def _norm_factory(kind: str, eps: float):
     raise ValueError(f"backbone norm must be 'frozen' or 'batch', got {kind!r}")
 
 
-HAS_RELAYOUT = _ext.LOADED and hasattr(torch.ops, "dabdetr_layout") and hasattr(torch.ops.dabdetr_layout, "relayout")
+HAS_RELAYOUT = _ext.has_cpu_op("dabdetr_layout::relayout")
 
 if HAS_RELAYOUT:
     @torch.library.register_fake("dabdetr_layout::relayout")

@@ -135,12 +135,7 @@ def output_transform_backward_torch(grad_y: Tensor, m: int) -> Tensor:
 
 # ---- dispatch: the C++ ops when loaded ----
 
-def _cpp_ops() -> bool:
-    return _ext.LOADED and hasattr(torch.ops, "dabdetr_winograd") and hasattr(torch.ops.dabdetr_winograd,
-                                                                               "input_transform")
-
-
-HAS_CPP_TRANSFORMS = _cpp_ops()
+HAS_CPP_TRANSFORMS = _ext.has_cpu_op("dabdetr_winograd::input_transform")
 
 if HAS_CPP_TRANSFORMS:
     @torch.library.register_fake("dabdetr_winograd::input_transform")
