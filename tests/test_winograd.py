@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from dabdetr.models import backbone as bb
 from dabdetr.models import winograd as wg
 
-needs_cpp = pytest.mark.skipif(not wg.HAS_CPP_TRANSFORMS, reason="dabdetr._C (the C++ transforms) not built")
+needs_cpp = pytest.mark.skipif(not (wg.HAS_CPP_TRANSFORMS and wg.HAS_CPP_WEIGHT_TRANSFORM),
+                               reason="dabdetr._C (the C++ transforms) not built")
 
 # (N, C, K, H, W): odd sizes (partial tiles), 1x1 images, channel counts across the C++ channel
 # block (64), fewer input than output channels and the reverse
@@ -24,9 +25,10 @@ SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 @pytest.fixture(params=["cpp", "torch"])
 def transforms(request, monkeypatch):
     """Runs a test with the C++ transforms and with the torch formulation."""
-    if request.param == "cpp" and not wg.HAS_CPP_TRANSFORMS:
+    if request.param == "cpp" and not (wg.HAS_CPP_TRANSFORMS and wg.HAS_CPP_WEIGHT_TRANSFORM):
         pytest.skip("dabdetr._C (the C++ transforms) not built")
     monkeypatch.setattr(wg, "HAS_CPP_TRANSFORMS", request.param == "cpp")
+    monkeypatch.setattr(wg, "HAS_CPP_WEIGHT_TRANSFORM", request.param == "cpp")
     return request.param
 
 
@@ -55,6 +57,33 @@ def test_cpp_transforms_match_the_torch_formulation(m, shape):
     gy = _rand(n, h, w, k, gen=g)
     torch.testing.assert_close(ops.output_transform_backward(gy, m), wg.output_transform_backward_torch(gy, m),
                                rtol=1e-12, atol=1e-12)
+    weight = _rand(k, c, 3, 3, gen=g)
+    torch.testing.assert_close(ops.weight_transform(weight, m), wg.weight_transform_torch(weight, m),
+                               rtol=1e-12, atol=1e-12)
+    gu = _rand((m + 2) ** 2, k, c, gen=g)
+    torch.testing.assert_close(ops.weight_transform_backward(gu, m), wg.weight_transform_backward_torch(gu, m),
+                               rtol=1e-12, atol=1e-12)
+
+
+@needs_cpp
+@pytest.mark.parametrize("m", wg.TILES)
+def test_cpp_weight_transform_float32_and_layouts(m):
+    """float32 against the float64 GEMM; a non-contiguous weight (a channels-last parameter) reads
+    the same; more filters than one parallel task (1024) with a partial last block."""
+    g = torch.Generator().manual_seed(30 + m)
+    ops = torch.ops.dabdetr_winograd
+    weight = _rand(70, 33, 3, 3, gen=g)
+    ref = wg.weight_transform_torch(weight, m)
+    torch.testing.assert_close(ops.weight_transform(weight.float(), m), ref.float(), rtol=1e-5, atol=1e-6)
+    cl = weight.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ops.weight_transform(cl, m), ref, rtol=1e-12, atol=1e-12)
+    gu = _rand((m + 2) ** 2, 70, 33, gen=g)
+    ref_b = wg.weight_transform_backward_torch(gu, m)
+    got = ops.weight_transform_backward(gu.float(), m)
+    assert got.shape == (70, 33, 3, 3) and got.is_contiguous()
+    torch.testing.assert_close(got, ref_b.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.weight_transform_backward(gu.transpose(1, 2).contiguous().transpose(1, 2), m),
+                               ref_b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("m", wg.TILES)
@@ -71,6 +100,12 @@ def test_backward_transforms_are_the_adjoints(m, transforms):
     y = wg._out(mt, None, [n, h, w, c], m)
     gy = _rand(*y.shape, gen=g)
     lhs, rhs = (y * gy).sum(), (mt * wg._out_bwd(gy, m)).sum()
+    assert abs(lhs - rhs) <= 1e-10 * (abs(lhs) + 1)
+    weight = _rand(4, c, 3, 3, gen=g).requires_grad_()
+    u = wg.weight_transform(weight, m)
+    gu = _rand(*u.shape, gen=g)
+    (gw,) = torch.autograd.grad(u, weight, gu)
+    lhs, rhs = (u * gu).sum(), (weight * gw).sum()
     assert abs(lhs - rhs) <= 1e-10 * (abs(lhs) + 1)
 
 
@@ -143,6 +178,8 @@ def test_opcheck():
                                             [2, 5, 7, 3], m)),
             (ops.output_transform.default, (torch.randn(v.shape, generator=g), None, [2, 5, 7, 3], m)),
             (ops.output_transform_backward.default, (x, m)),
+            (ops.weight_transform.default, (torch.randn(4, 3, 3, 3, generator=g), m)),
+            (ops.weight_transform_backward.default, (torch.randn((m + 2) ** 2, 4, 3, generator=g), m)),
         ]
         for op, args in samples:
             torch.library.opcheck(op, args)
@@ -164,6 +201,14 @@ def test_ops_reject_bad_inputs_by_name():
         ops.output_transform(torch.randn(36, 1, 2), torch.randn(3), [1, 4, 4, 2], 4)
     with pytest.raises(RuntimeError, match="'y_shape' sizes must be positive"):
         ops.output_transform(torch.randn(36, 1, 2), None, [1, 0, 4, 2], 4)
+    with pytest.raises(RuntimeError, match=r"'weight' must be \[K, C, 3, 3\]"):
+        ops.weight_transform(torch.randn(2, 2, 5, 5), 4)
+    with pytest.raises(RuntimeError, match="'weight' must be 4-D"):
+        ops.weight_transform(torch.randn(2, 2, 9), 4)
+    with pytest.raises(RuntimeError, match=r"'grad_u' must be \[16, K, C\]"):
+        ops.weight_transform_backward(torch.randn(36, 2, 2), 2)
+    with pytest.raises(RuntimeError, match="'grad_u' must be float32 or float64"):
+        ops.weight_transform_backward(torch.randn(36, 2, 2).half(), 4)
 
 
 def test_python_entry_rejects_bad_inputs():

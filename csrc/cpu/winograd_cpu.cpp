@@ -22,8 +22,8 @@ namespace dabdetr {
 namespace cpu {
 namespace winograd {
 
-// Lavin & Gray's points: F(2, 3) on {0, 1, -1}, F(4, 3) on {0, 1, -1, 2, -2} (+ infinity). Only B^T
-// and A^T live here; G (the weight transform) is applied in Python (it acts on the parameters).
+// Lavin & Gray's points: F(2, 3) on {0, 1, -1}, F(4, 3) on {0, 1, -1, 2, -2} (+ infinity); the same
+// matrices as _MATRICES in dabdetr/models/winograd.py.
 template <int M>
 struct WinoMats;
 
@@ -31,6 +31,7 @@ template <>
 struct WinoMats<2> {
   static constexpr double BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
   static constexpr double AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+  static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
 };
 
 template <>
@@ -39,6 +40,12 @@ struct WinoMats<4> {
                                       {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
   static constexpr double AT[4][6] = {
       {1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+  static constexpr double G[6][3] = {{1.0 / 4, 0, 0},
+                                     {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                     {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                     {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                     {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                     {0, 0, 1}};
 };
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
@@ -215,6 +222,45 @@ at::Tensor output_transform_backward(const at::Tensor& grad_y_, int64_t m) {
   return gm;
 }
 
+// Filters per task: a filter costs ~A*A*3 multiply-adds and A*A + 9 values moved per pass.
+constexpr int64_t kFilterGrain = 1024;
+
+at::Tensor weight_transform(const at::Tensor& weight_, int64_t m) {
+  check_m(m);
+  check_tensor(weight_, 4, "weight");
+  TORCH_CHECK(weight_.size(2) == 3 && weight_.size(3) == 3, "dabdetr_winograd: 'weight' must be [K, C, 3, 3], got ",
+              weight_.sizes());
+  const at::Tensor w = weight_.contiguous();
+  const int64_t K = w.size(0), C = w.size(1), KC = K * C;
+  at::Tensor u = at::empty({(m + 2) * (m + 2), K, C}, w.options());
+  WINO_DISPATCH(m, w.scalar_type(), "winograd_weight_transform", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* up = u.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, KC, kFilterGrain, [&](int64_t b, int64_t e) {
+      WINO_CALL(weight_transform, wp, KC, b, e, up);
+    });
+  });
+  return u;
+}
+
+at::Tensor weight_transform_backward(const at::Tensor& grad_u_, int64_t m) {
+  check_m(m);
+  check_tensor(grad_u_, 3, "grad_u");
+  TORCH_CHECK(grad_u_.size(0) == (m + 2) * (m + 2), "dabdetr_winograd: 'grad_u' must be [", (m + 2) * (m + 2),
+              ", K, C], got ", grad_u_.sizes());
+  const at::Tensor gu = grad_u_.contiguous();
+  const int64_t K = gu.size(1), C = gu.size(2), KC = K * C;
+  at::Tensor gw = at::empty({K, C, 3, 3}, gu.options());
+  WINO_DISPATCH(m, gu.scalar_type(), "winograd_weight_transform_backward", [&] {
+    const scalar_t* gup = gu.const_data_ptr<scalar_t>();
+    scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, KC, kFilterGrain, [&](int64_t b, int64_t e) {
+      WINO_CALL(weight_transform_backward, gup, KC, b, e, gwp);
+    });
+  });
+  return gw;
+}
+
 }  // namespace
 }  // namespace winograd
 }  // namespace cpu
@@ -231,6 +277,10 @@ TORCH_LIBRARY(dabdetr_winograd, m) {
   m.def("output_transform(Tensor mt, Tensor? bias, int[] y_shape, int m) -> Tensor");
   // grad_y [N, H, W, K] -> grad_mt [A*A, T, K]
   m.def("output_transform_backward(Tensor grad_y, int m) -> Tensor");
+  // weight [K, C, 3, 3] -> U [A*A, K, C] (U[xi] = G g G^T per filter)
+  m.def("weight_transform(Tensor weight, int m) -> Tensor");
+  // grad_u [A*A, K, C] -> grad_weight [K, C, 3, 3]
+  m.def("weight_transform_backward(Tensor grad_u, int m) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dabdetr_winograd, CPU, m) {
@@ -239,4 +289,6 @@ TORCH_LIBRARY_IMPL(dabdetr_winograd, CPU, m) {
   m.impl("input_transform_backward", &input_transform_backward);
   m.impl("output_transform", &output_transform);
   m.impl("output_transform_backward", &output_transform_backward);
+  m.impl("weight_transform", &weight_transform);
+  m.impl("weight_transform_backward", &weight_transform_backward);
 }

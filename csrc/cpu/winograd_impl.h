@@ -39,6 +39,16 @@ struct Am {  // A = (A^T)^T
   static constexpr int rows = M + 2, cols = M;
   static constexpr double at(int r, int c) { return WinoMats<M>::AT[c][r]; }
 };
+template <int M>
+struct Gm {
+  static constexpr int rows = M + 2, cols = 3;
+  static constexpr double at(int r, int c) { return WinoMats<M>::G[r][c]; }
+};
+template <int M>
+struct GTm {  // G^T
+  static constexpr int rows = 3, cols = M + 2;
+  static constexpr double at(int r, int c) { return WinoMats<M>::G[c][r]; }
+};
 
 // out[p][q][c] = sum_{i, j} L(p, i) L(q, j) in[i][j][c] for c < cb: rows first, then columns; the
 // zero coefficients are skipped at compile time (the loops unroll over constexpr matrices).
@@ -215,6 +225,47 @@ void input_transform_backward(const T* gV, int64_t H, int64_t W, int64_t C, int6
         }
       }
     }
+  }
+}
+
+// U[a * A + b, kc] = (G g_kc G^T)[a][b] for the filters kc in [k_begin, k_end) of w = [K*C, 3, 3]
+// (a [K, C, 3, 3] weight; U: [A*A, K*C]). A filter's 9 values are contiguous, U's rows are not:
+// the block of filters is transposed into the L1 buffer first (a GEMM with a 9-column operand runs
+// far below the memory rate in oneDNN/MKL).
+template <typename T, int M>
+void weight_transform(const T* w, int64_t KC, int64_t k_begin, int64_t k_end, T* U) {
+  constexpr int A = M + 2;
+  T g[3][3][kChannelBlock], u[A][A][kChannelBlock];
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kChannelBlock) {
+    const int64_t cb = k_end - k0 < kChannelBlock ? k_end - k0 : kChannelBlock;
+    for (int64_t c = 0; c < cb; ++c)
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) g[i][j][c] = w[(k0 + c) * 9 + i * 3 + j];
+    transform2d<T, Gm<M>>(g, u, cb);
+    for (int a = 0; a < A; ++a)
+      for (int b = 0; b < A; ++b) {
+        T* dst = U + (int64_t(a) * A + b) * KC + k0;
+        for (int64_t c = 0; c < cb; ++c) dst[c] = u[a][b][c];
+      }
+  }
+}
+
+// gw[kc] = G^T gU_kc G (the adjoint of weight_transform) for the filters kc in [k_begin, k_end).
+template <typename T, int M>
+void weight_transform_backward(const T* gU, int64_t KC, int64_t k_begin, int64_t k_end, T* gw) {
+  constexpr int A = M + 2;
+  T gu[A][A][kChannelBlock], g[3][3][kChannelBlock];
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kChannelBlock) {
+    const int64_t cb = k_end - k0 < kChannelBlock ? k_end - k0 : kChannelBlock;
+    for (int a = 0; a < A; ++a)
+      for (int b = 0; b < A; ++b) {
+        const T* src = gU + (int64_t(a) * A + b) * KC + k0;
+        for (int64_t c = 0; c < cb; ++c) gu[a][b][c] = src[c];
+      }
+    transform2d<T, GTm<M>>(gu, g, cb);
+    for (int64_t c = 0; c < cb; ++c)
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) gw[(k0 + c) * 9 + i * 3 + j] = g[i][j][c];
   }
 }
 
