@@ -325,15 +325,42 @@ class TransformerDecoderLayer(nn.Module):
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor, query_sine_embed: Tensor,
                 memory_key_padding_mask: Optional[Tensor], rec: Rec = None,
                 self_attn_mask: Optional[Tensor] = None,
-                key_side: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
+                key_side: Optional[Tuple[Tensor, Tensor, Tensor]] = None, zero_content: bool = False) -> Tensor:
         """``self_attn_mask``: optional ``[B|1, 1, Q, Q]`` bool (True = may attend), the query
         denoising groups' mask (:mod:`dabdetr.models.denoising`). ``key_side``: this layer's
         ``(ca_kcontent_proj(memory), ca_v_proj(memory), ca_kpos_proj(pos))`` when already computed
-        (:meth:`TransformerDecoder.key_side_projections`)."""
-        H = self.nhead
+        (:meth:`TransformerDecoder.key_side_projections`). ``zero_content``: the caller vouches that
+        ``tgt`` is all zeros (the fused backends then take :meth:`_zero_content_self_attention`)."""
         p = self.attn_dropout if self.training else 0.0
         _put(rec, "dec_layer_in", tgt)
         # ---- self-attention
+        if zero_content and self.backend != "torch" and self_attn_mask is None and p == 0.0:
+            tgt2 = self._zero_content_self_attention(tgt)
+            _put(rec, "dec_self_attn_out", tgt2)
+            tgt = self.norm1(tgt + self.dropout1(tgt2))
+        else:
+            tgt = self._self_attention(tgt, query_pos, self_attn_mask, p, rec)
+        return self._cross_attention_and_ffn(tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask,
+                                             rec, key_side, p)
+
+    def _zero_content_self_attention(self, tgt: Tensor) -> Tensor:
+        """The self-attention's output when every content query is zero (the first layer without
+        patterns or denoising queries, REFERENCE.md): every value row is ``sa_v_proj(0)``, its bias,
+        and each softmax row sums to one, so the output is ``out_proj(sa_v_proj.bias)`` for every
+        query, whatever the logits (with attention dropout or a mask it is not: the caller checks).
+        That skips seven ``[B Q, d] x [d, d]`` GEMMs and the attention, forward and backward.
+        Gradients are the original's in exact arithmetic: ``sa_v_proj.weight`` and the q/k
+        projections get zeros (the original's rounding leaves ~1e-9 on the positional ones), added
+        explicitly so every parameter still takes part in the graph (DDP without
+        ``find_unused_parameters``, gradient clipping and the optimizers see the same set)."""
+        unused = (self.sa_qcontent_proj, self.sa_kcontent_proj, self.sa_qpos_proj, self.sa_kpos_proj)
+        zero = self.sa_v_proj.weight.sum() + sum(m.weight.sum() + m.bias.sum() for m in unused)
+        out = self.self_attn((self.sa_v_proj.bias + 0.0 * zero).to(tgt.dtype))
+        return out.expand(tgt.shape)
+
+    def _self_attention(self, tgt: Tensor, query_pos: Tensor, self_attn_mask: Optional[Tensor], p: float,
+                        rec: Rec) -> Tensor:
+        H = self.nhead
         if self.backend == "torch":  # the original: five projections
             q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
             k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
@@ -345,8 +372,12 @@ class TransformerDecoderLayer(nn.Module):
         sa = _attention(_heads(q, H), _heads(k, H), _heads(v, H), self_attn_mask, p, self.backend)
         tgt2 = self.self_attn(_merge(sa))
         _put(rec, "dec_self_attn_out", tgt2)
-        tgt = self.norm1(tgt + self.dropout1(tgt2))
+        return self.norm1(tgt + self.dropout1(tgt2))
 
+    def _cross_attention_and_ffn(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
+                                 query_sine_embed: Tensor, memory_key_padding_mask: Optional[Tensor], rec: Rec,
+                                 key_side: Optional[Tuple[Tensor, Tensor, Tensor]], p: float) -> Tensor:
+        H = self.nhead
         # ---- cross-attention
         B, Q, d = tgt.shape
         HW = memory.shape[1]
@@ -430,9 +461,12 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, refpoints_unsigmoid: Tensor,
                 memory_key_padding_mask: Optional[Tensor], bbox_embed: nn.Module,
-                rec: Rec = None, self_attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                rec: Rec = None, self_attn_mask: Optional[Tensor] = None,
+                tgt_is_zero: bool = False) -> Tuple[Tensor, Tensor]:
         """``tgt [B,Q,d]``, ``memory``/``pos [B,HW,d]``, ``refpoints_unsigmoid [B,Q,4]`` →
-        ``hs [L,B,Q,d]`` (decoder-normed outputs), ``references [L,B,Q,4]`` (float32)."""
+        ``hs [L,B,Q,d]`` (decoder-normed outputs), ``references [L,B,Q,4]`` (float32).
+        ``tgt_is_zero``: ``tgt`` is all zeros (no patterns, no denoising queries): the first layer's
+        self-attention is then a constant (:meth:`TransformerDecoderLayer._zero_content_self_attention`)."""
         F_ = self.d_model // 2
         T = self.query_temperature
         eps = self.inverse_sigmoid_eps
@@ -462,7 +496,7 @@ class TransformerDecoder(nn.Module):
                 _put(rec, "dec_ref_anchor_head_out", ref_hw_logits)
                 _put(rec, "dec_query_sine_embed", qse)
             output = layer(output, memory, pos, query_pos, qse, memory_key_padding_mask, rec, self_attn_mask,
-                           None if key_side is None else key_side[lid])
+                           None if key_side is None else key_side[lid], zero_content=tgt_is_zero and lid == 0)
             _put(rec, "dec_layer_out", output)
             # anchor update on the un-normalised output, in float32 (float64 for a float64 model)
             delta = at_least_float32(bbox_embed(output))
@@ -530,9 +564,11 @@ class Transformer(nn.Module):
             tgt = memory.new_zeros(B, nq, self.d_model)
             refpoints = refpoint_embed
         attn_mask = None
+        tgt_is_zero = self.num_patterns == 0 and dn is None
         if dn is not None:
             tgt = torch.cat([dn.content.to(tgt.dtype), tgt], 1)
             refpoints = torch.cat([dn.anchors.to(refpoints.dtype), refpoints], 1)
             attn_mask = dn.self_attn_mask
-        hs, references = self.decoder(tgt, memory, pos, refpoints, key_padding_mask, bbox_embed, rec, attn_mask)
+        hs, references = self.decoder(tgt, memory, pos, refpoints, key_padding_mask, bbox_embed, rec, attn_mask,
+                                      tgt_is_zero=tgt_is_zero)
         return (hs, references, memory) if return_memory else (hs, references)
