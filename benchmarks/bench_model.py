@@ -18,7 +18,10 @@ is a base and ``+`` options:
                     the best fused backend for the device (``cpu``, ``cuda`` ...), frozen BN folded
                     into the convolutions (``backbone.conv_norm``), on the CPU (frozen stem)
                     channels-last backbone activations, 3x3 weight gradients from NCHW copies
-                    (``backbone._ConvNCHWWeightGrad``), SDPA for the self-attentions (on the CPU
+                    (``backbone._ConvNCHWWeightGrad``), the 3x3 stride-1 convolutions of >= 128
+                    channels as Winograd F(2, 3) (mode "f2": less float32 error than the direct
+                    ones, fewer multiply-adds), the first decoder layer's self-attention over zero
+                    content as its constant, SDPA for the self-attentions (on the CPU
                     the content/position attention kernel, ``transformer._attention``),
                     projections that share an input in one GEMM (the decoder's key side for all
                     layers, the encoder's q|k, the decoder self-attention's), on the CPU the
@@ -33,9 +36,12 @@ is a base and ``+`` options:
                     channels-last activations; this also changes ``eager``).
     +fusedopt       ``AdamW(fused=True)`` (already the default of ``fused``; changes ``eager``).
     +winograd       (fused only) on the CPU, the backbone's 3x3 stride-1 convolutions of >= 64
-                    channels on maps with enough tiles as Winograd F(4, 3) / F(2, 3)
-                    (``ResNet.cpu_winograd``, ``models/winograd.py``): fewer multiply-adds,
-                    different float rounding (not under autocast).
+                    channels on maps with enough tiles as Winograd F(4, 3) / F(2, 3) (the backbone
+                    mode "f4", ``ResNet.cpu_winograd``, ``models/winograd.py``): fewer
+                    multiply-adds than the default "f2" (F(2, 3) from 128 channels), ~4-8x the
+                    direct convolution's float32 error (not under autocast).
+    +direct         (fused only) the backbone's direct convolutions (mode "off": no Winograd
+                    F(2, 3) either; the fused default before it).
 Default: eager, fused, fused+compile (on the CPU also fused+winograd and fused+compile+winograd),
 and with ``--bf16`` (default on CUDA, off on the CPU) each of them but the +winograd ones +bf16. Every provider starts from the same weights (one model is built, each provider gets a
 copy, and its weights are reset from that state dict before each measurement).
@@ -118,7 +124,7 @@ from dabdetr.train_presets import parse_value
 
 DEFAULT_PROVIDERS = ("eager", "fused", "fused+compile")
 DEFAULT_PROVIDERS_CPU = DEFAULT_PROVIDERS + ("fused+winograd", "fused+compile+winograd")
-OPTIONS = ("compile", "bf16", "cl", "fusedopt", "winograd")
+OPTIONS = ("compile", "bf16", "cl", "fusedopt", "winograd", "direct")
 PHASES_FULL = ("backbone fwd", "encoder fwd", "decoder fwd", "other fwd", "loss+matcher", "heads+loss bwd",
                "decoder bwd", "encoder bwd", "other bwd", "backbone bwd", "optimizer")
 PHASES_COMPILED = ("forward", "loss+matcher", "backward", "optimizer")
@@ -147,7 +153,8 @@ class Provider:
     bf16: bool = False
     channels_last: bool = False
     fused_optimizer: bool = False
-    winograd: bool = False
+    winograd: bool = False  # the backbone's "f4" Winograd mode
+    direct: bool = False  # the backbone's Winograd mode "off"
 
     @property
     def baseline(self) -> str:
@@ -164,11 +171,14 @@ def parse_provider(name: str) -> Provider:
     if unknown:
         raise ValueError(f"provider {name!r}: unknown option(s) {unknown}; expected some of {', '.join(OPTIONS)}")
     canon = "+".join([base] + [o for o in OPTIONS if o in opts])  # fixed option order
-    if "winograd" in opts and base == "eager":
-        raise ValueError(f"provider {name!r}: +winograd is an option of the fused backends (eager keeps the "
-                         "original's convolutions)")
+    for opt in ("winograd", "direct"):
+        if opt in opts and base == "eager":
+            raise ValueError(f"provider {name!r}: +{opt} is an option of the fused backends (eager keeps the "
+                             "original's convolutions)")
+    if "winograd" in opts and "direct" in opts:
+        raise ValueError(f"provider {name!r}: +winograd and +direct are two backbone modes; pick one")
     return Provider(canon, "torch" if base == "eager" else None, "compile" in opts, "bf16" in opts, "cl" in opts,
-                    "fusedopt" in opts, "winograd" in opts)
+                    "fusedopt" in opts, "winograd" in opts, "direct" in opts)
 
 
 def provider_list(names: Optional[Sequence[str]], bf16: bool, cpu: bool = False) -> List[Provider]:
@@ -331,7 +341,8 @@ class Runner:
         self.prov, self.device, self.base_sd = prov, device, base_sd
         model = copy.deepcopy(base)
         model.set_backend(prov.backend)
-        model.backbone[0].body.cpu_winograd = prov.winograd
+        if prov.winograd or prov.direct:  # else the model's default ("f2")
+            model.backbone[0].body.cpu_winograd = "f4" if prov.winograd else "off"
         model.to(device)
         images, mask, targets = batch
         if prov.channels_last:

@@ -237,19 +237,40 @@ def _body(dtype=torch.float64):
     return body
 
 
-@pytest.mark.parametrize("shape,channels,tile", [
-    ((1, 64, 200, 334), 64, 4), ((2, 512, 16, 16), 512, 2), ((1, 512, 25, 42), 512, 2),
-    ((2, 256, 32, 32), 256, 4), ((1, 256, 24, 24), 256, 4),  # 36 tiles
-    ((1, 256, 16, 16), 256, 0),  # 16 tiles < 32
-    ((1, 512, 12, 12), 512, 0),  # F(2, 3): 36 tiles < 128
-    ((1, 32, 64, 64), 32, 0),  # narrower than 64 channels
+@pytest.mark.parametrize("shape,channels,tile,tile_f2", [
+    ((1, 64, 200, 334), 64, 4, 0), ((2, 512, 16, 16), 512, 2, 2), ((1, 512, 25, 42), 512, 2, 2),
+    ((2, 256, 32, 32), 256, 4, 2), ((1, 256, 24, 24), 256, 4, 2),  # 36 tiles of F(4, 3)
+    ((1, 256, 16, 16), 256, 0, 2),  # 16 tiles of F(4, 3) < 32; 64 of F(2, 3) >= 256 / 4
+    ((1, 256, 12, 12), 256, 0, 0),  # 36 tiles of F(2, 3) < 64
+    ((1, 512, 12, 12), 512, 0, 0),  # F(2, 3): 36 tiles < 128
+    ((2, 128, 64, 64), 128, 4, 2),
+    ((1, 32, 64, 64), 32, 0, 0),  # narrower than 64 channels
 ])
-def test_winograd_rule(shape, channels, tile):
-    """Which tile the backbone picks: >= 64 channels, F(2, 3) above 256, enough tiles."""
+def test_winograd_rule(shape, channels, tile, tile_f2):
+    """Which tile the backbone picks: mode "f4" from 64 channels, F(2, 3) above 256, enough tiles;
+    mode "f2" F(2, 3) from 128 channels, enough tiles; "off" none."""
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-    assert bb._winograd_tile(conv, torch.empty(shape)) == tile
-    assert bb._winograd_tile(torch.nn.Conv2d(channels, channels, 3, stride=2, padding=1), torch.empty(shape)) == 0
-    assert bb._winograd_tile(conv, torch.empty(shape, dtype=torch.float16)) == 0
+    assert bb._winograd_tile(conv, torch.empty(shape), "f4") == tile
+    assert bb._winograd_tile(conv, torch.empty(shape), "f2") == tile_f2
+    for mode in bb.WINOGRAD_MODES:
+        strided = torch.nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        assert bb._winograd_tile(strided, torch.empty(shape), mode) == 0
+        assert bb._winograd_tile(conv, torch.empty(shape, dtype=torch.float16), mode) == 0
+        assert bb._winograd_tile(conv, torch.empty(shape, device="meta"), mode) == 0
+    assert bb._winograd_tile(conv, torch.empty(shape), "off") == 0
+
+
+def test_winograd_mode_values():
+    assert [bb.winograd_mode(v) for v in (True, False, None, "f2", "F4", "off")] == ["f4", "off", "off", "f2", "f4",
+                                                                                     "off"]
+    with pytest.raises(ValueError, match="backbone_winograd .* must be one of"):
+        bb.winograd_mode("fast")
+    body = bb.resnet("resnet18")
+    assert body.cpu_winograd == "f2"  # the default
+    body.cpu_winograd = True
+    assert body.cpu_winograd == "f4"
+    body.layer1[0].winograd = "off"
+    assert body.cpu_winograd == "mixed"
 
 
 def test_backbone_takes_the_convolutions_the_rule_picks(monkeypatch):
@@ -257,7 +278,7 @@ def test_backbone_takes_the_convolutions_the_rule_picks(monkeypatch):
     narrow = bb.resnet("resnet18", width=32)  # layer1: 32 channels
     narrow.set_backend("cpu")
     body.cpu_winograd = narrow.cpu_winograd = True
-    assert body.cpu_winograd
+    assert body.cpu_winograd == "f4"
     calls = []
     real = wg.winograd_conv3x3
 
@@ -280,8 +301,12 @@ def test_backbone_takes_the_convolutions_the_rule_picks(monkeypatch):
     body(x)
     assert calls == []
     body.set_backend("cpu")
+    body.cpu_winograd = "f2"  # F(2, 3) from 128 channels: layer2 (32x32: 256 tiles) and layer3 (16x16:
+    body(x)  # 64 tiles >= 256 / 4) but not their strided first convolutions, layer4 (16 tiles) not
+    assert sorted(calls) == sorted([((128, 128, 3, 3), 2)] * 3 + [((256, 256, 3, 3), 2)] * 3)
+    calls.clear()
     body.cpu_winograd = False
-    assert not body.cpu_winograd
+    assert body.cpu_winograd == "off"
     body(x)
     assert calls == []
 
@@ -291,7 +316,7 @@ def test_backbone_with_winograd_matches_the_direct_path(dtype, tol):
     body = _body(dtype)
     x = torch.randn(2, 3, 160, 224, dtype=dtype)  # layer1 and layer2 take Winograd (rule above), layer3-4 not
     outs, grads = [], []
-    for on in (False, True):
+    for on in ("off", "f4", "f2"):
         body.cpu_winograd = on
         body.zero_grad(set_to_none=True)
         y = body(x)
@@ -299,9 +324,10 @@ def test_backbone_with_winograd_matches_the_direct_path(dtype, tol):
         outs.append(y.detach())
         grads.append({n: p.grad for n, p in body.named_parameters() if p.requires_grad})
     scale = outs[0].abs().max()
-    assert (outs[1] - outs[0]).abs().max() <= tol * scale
-    for name, g0 in grads[0].items():
-        assert (grads[1][name] - g0).abs().max() <= tol * g0.abs().max() + 1e-12, name
+    for i in (1, 2):
+        assert (outs[i] - outs[0]).abs().max() <= tol * scale
+        for name, g0 in grads[0].items():
+            assert (grads[i][name] - g0).abs().max() <= tol * g0.abs().max() + 1e-12, name
 
 
 def test_backbone_with_winograd_compiles_fullgraph():
@@ -322,10 +348,12 @@ def test_backbone_with_winograd_compiles_fullgraph():
 def test_model_config_switches_it_on():
     from dabdetr.models import DABDETR, get_preset
 
-    cfg = get_preset("tiny").model.replace(backbone_winograd=True)
-    model = DABDETR(cfg)
-    assert model.backbone[0].body.cpu_winograd
-    assert not DABDETR(get_preset("tiny").model).backbone[0].body.cpu_winograd
+    tiny = get_preset("tiny").model
+    assert DABDETR(tiny).backbone[0].body.cpu_winograd == "f2"  # the default
+    for value, mode in ((True, "f4"), ("f4", "f4"), (False, "off"), ("off", "off")):
+        assert DABDETR(tiny.replace(backbone_winograd=value)).backbone[0].body.cpu_winograd == mode
+    with pytest.raises(ValueError, match="backbone_winograd"):
+        DABDETR(tiny.replace(backbone_winograd="yes"))
 
 
 def test_bench_model_provider_option():
@@ -346,3 +374,8 @@ def test_bench_model_provider_option():
     assert not any(p.winograd and p.bf16 for p in provider_list(None, True, cpu=True))
     with pytest.raises(ValueError, match="winograd is an option of the fused backends"):
         parse_provider("eager+winograd")
+    assert parse_provider("fused+direct").direct and not parse_provider("fused").direct
+    with pytest.raises(ValueError, match="pick one"):
+        parse_provider("fused+winograd+direct")
+    with pytest.raises(ValueError, match="direct is an option of the fused backends"):
+        parse_provider("eager+direct")

@@ -166,14 +166,27 @@ def _is_channels_last(t: Tensor) -> bool:
 _NCHW_WGRAD_MIN_CHANNELS = 128
 
 
-# Winograd for 3x3 stride-1 convolutions of at least this many input and output channels (with
-# ``cpu_winograd``). Per convolution, float32, 2-core AVX-512 EPYC, against the direct path below
-# (channels-last oneDNN, NCHW weight gradient), forward+backward ms: R50 at 800x1333:1 layer2 (128
-# channels, 100x167) 77 -> 38 with F(4, 3), layer3 (256, 50x84) 74 -> 35, layer4 (512, 25x42) 76 ->
-# 55 with F(2, 3) (F(4, 3): 52, but 38 vs 34 at 512x512:2: its transformed weights are 4x the
-# weights); at 512x512:2 39 -> 20, 37 -> 19, 40 -> 34. layer1 (64 channels, forward only when
-# frozen): 22.0 -> 17.7 and 10.8 -> 8.2 ms.
+# Winograd for 3x3 stride-1 CPU convolutions (``ResNet.cpu_winograd``), per mode:
+#   "f2": F(2x2, 3x3) only, from _WINOGRAD_F2_MIN_CHANNELS channels. Its float32 output error
+#         against float64 is at or below the direct convolution's (R50 shapes: 3.6-4.2e-7 vs
+#         0.7-1.9e-6 relative to the output's maximum; small maps 3-5e-7 vs 2-4e-7; the transforms
+#         are adds and halvings), so it is the fused backends' default. Forward+backward per convolution, 2-core AVX-512 EPYC, vs the direct
+#         path (channels-last oneDNN, NCHW weight gradient), ms: R50 at 800x1333:1 layer2 (128
+#         channels, 100x167) 74.7 -> 59.6, layer3 (256, 50x84) 72.8 -> 48.5, layer4 (512, 25x42)
+#         74.4 -> 47.2; at 512x512:2 37.5 -> 29.0, 37.2 -> 25.3, 41.3 -> 28.0; forward only 1.02-1.38x
+#         at 128-256 channels, 1.2-1.3x at 512. At 64 channels it loses (layer1, forward only:
+#         11.3 -> 14.6 ms at 512x512:2), hence the floor.
+#   "f4": F(4x4, 3x3) from _WINOGRAD_MIN_CHANNELS, F(2x2, 3x3) above _WINOGRAD_F4_MAX_CHANNELS
+#         (F(4, 3)'s transformed weights are 4x the weights): 4x fewer multiply-adds in the GEMMs,
+#         float32 error ~4-8x the direct one's (6-8e-6), hence a choice (``backbone_winograd="f4"``,
+#         the "+winograd" benchmark providers). Same machine, same cases: layer2 74.7 -> 36.7,
+#         layer3 72.8 -> 32.9 (F(4, 3)), layer4 74.4 -> 39.9 (F(2, 3)); at 512x512:2 37.5 -> 18.3,
+#         37.2 -> 18.5, 41.3 -> 28.0; layer1 22.2 -> 18.2 and 11.3 -> 9.2 (forward only).
+#   "off": the direct convolution.
+# (benchmarks/results/winograd_cpu_float32_vm.md; python benchmarks/bench_winograd.py)
+WINOGRAD_MODES = ("off", "f2", "f4")
 _WINOGRAD_MIN_CHANNELS = 64
+_WINOGRAD_F2_MIN_CHANNELS = 128
 _WINOGRAD_F4_MAX_CHANNELS = 256  # wider: F(2, 3)
 # ... and enough tiles: the weight transform and the transformed weights ((m+2)^2 C K values) cost
 # the same whatever the map size, the GEMMs' saving grows with it. Measured crossovers
@@ -184,29 +197,44 @@ _WINOGRAD_F4_MAX_CHANNELS = 256  # wider: F(2, 3)
 _WINOGRAD_MIN_TILES = 32
 
 
-def _winograd_tile(conv: nn.Conv2d, x: Tensor) -> int:
-    """The Winograd tile (4 or 2) for ``conv`` on ``x``, 0: the direct convolution."""
-    if (not winograd.conv_supported(conv, x) or min(conv.in_channels, conv.out_channels) < _WINOGRAD_MIN_CHANNELS
+def winograd_mode(value) -> str:
+    """A ``cpu_winograd`` / ``backbone_winograd`` value as one of :data:`WINOGRAD_MODES`: the
+    strings themselves, ``True`` = ``"f4"`` and ``False`` / ``None`` = ``"off"`` (the boolean
+    switch of earlier versions, whose ``True`` was F(4, 3))."""
+    if value is True:
+        return "f4"
+    if value is False or value is None:
+        return "off"
+    if isinstance(value, str) and value.lower() in WINOGRAD_MODES:
+        return value.lower()
+    raise ValueError(f"backbone_winograd (ResNet.cpu_winograd) must be one of {WINOGRAD_MODES} or a bool, got {value!r}")
+
+
+def _winograd_tile(conv: nn.Conv2d, x: Tensor, mode: str = "f4") -> int:
+    """The Winograd tile (4 or 2) for ``conv`` on ``x`` in ``mode`` (see WINOGRAD_MODES), 0: the
+    direct convolution."""
+    if (mode == "off" or not winograd.conv_supported(conv, x)
+            or min(conv.in_channels, conv.out_channels) < (_WINOGRAD_F2_MIN_CHANNELS if mode == "f2"
+                                                           else _WINOGRAD_MIN_CHANNELS)
             or torch.is_autocast_enabled("cpu")):
         return 0
     wide = max(conv.in_channels, conv.out_channels)
-    m = 4 if wide <= _WINOGRAD_F4_MAX_CHANNELS else 2
+    m = 4 if mode == "f4" and wide <= _WINOGRAD_F4_MAX_CHANNELS else 2
     n, _, h, w = x.shape
     tiles = winograd.tile_grid(m, n, h, w)[2]
     enough = max(_WINOGRAD_MIN_TILES, wide // 8) if m == 4 else wide // 4
     return m if tiles >= enough else 0
 
 
-def _conv2d(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor], use_winograd: bool = False) -> Tensor:
+def _conv2d(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor], winograd_mode: str = "off") -> Tensor:
     """``F.conv2d`` with ``conv``'s geometry and the given weight and bias; a channels-last CPU input
     of a spatial convolution of at least ``_NCHW_WGRAD_MIN_CHANNELS`` channels whose weight trains
     goes through :class:`_ConvNCHWWeightGrad` (not under CPU autocast, whose casts that function
-    does not track). ``use_winograd``: 3x3 stride-1 CPU convolutions of at least
-    ``_WINOGRAD_MIN_CHANNELS`` channels run as Winograd F(4, 3) / F(2, 3) (:mod:`.winograd`)."""
-    if use_winograd:
-        m = _winograd_tile(conv, x)
-        if m:
-            return winograd.winograd_conv3x3(x, weight, bias, m)
+    does not track). ``winograd_mode``: 3x3 stride-1 CPU convolutions may run as Winograd F(2, 3) /
+    F(4, 3) (:mod:`.winograd`; which ones: :func:`_winograd_tile`)."""
+    m = _winograd_tile(conv, x, winograd_mode)
+    if m:
+        return winograd.winograd_conv3x3(x, weight, bias, m)
     if (x.device.type == "cpu" and weight.requires_grad and torch.is_grad_enabled() and max(conv.kernel_size) > 1
             and min(conv.in_channels, conv.out_channels) >= _NCHW_WGRAD_MIN_CHANNELS and _is_channels_last(x)
             and not torch.is_autocast_enabled("cpu") and isinstance(conv.padding, tuple)):
@@ -214,7 +242,7 @@ def _conv2d(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool, use_winograd: bool = False) -> Tensor:
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool, winograd_mode: str = "off") -> Tensor:
     """``norm(conv(x))``. ``fold=False``: exactly that (the original's modules). ``fold=True`` (the
     fused backends): with a :class:`FrozenBatchNorm2d`, the frozen affine map is folded into the
     convolution: ``conv(x, W * s) + (b - mean * s)``, the same function (float rounding aside) in one
@@ -222,14 +250,14 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool, use_winog
     add of the original's FrozenBatchNorm2d, each a full read and write; one more pass in the
     backward); the gradient still reaches ``conv.weight`` (through ``W * s``). The convolution runs
     through :func:`_conv2d` (channels-last CPU inputs: see :class:`_ConvNCHWWeightGrad`;
-    ``use_winograd``: Winograd for the 3x3 stride-1 ones, see ``ResNet.cpu_winograd``)."""
+    ``winograd_mode``: Winograd for the 3x3 stride-1 ones, see ``ResNet.cpu_winograd``)."""
     if not fold:
         return norm(conv(x))
     if not isinstance(norm, FrozenBatchNorm2d):
-        return norm(_conv2d(conv, x, conv.weight, conv.bias, use_winograd))
+        return norm(_conv2d(conv, x, conv.weight, conv.bias, winograd_mode))
     scale, bias = norm.scale_bias()
     w = conv.weight
-    return _conv2d(conv, x, w * scale.to(w.dtype).reshape(-1, 1, 1, 1), bias.to(w.dtype), use_winograd)
+    return _conv2d(conv, x, w * scale.to(w.dtype).reshape(-1, 1, 1, 1), bias.to(w.dtype), winograd_mode)
 
 
 def _downsample(ds: Optional[nn.Module], x: Tensor, fold: bool) -> Tensor:
@@ -278,13 +306,13 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
         self.backend: Optional[str] = None  # "torch": the original's unfolded frozen BN (see conv_norm)
-        self.winograd = False  # set by ResNet.cpu_winograd
+        self.winograd = "off"  # set by ResNet.cpu_winograd
 
     def forward(self, x: Tensor) -> Tensor:
         fold = self.backend != "torch"
-        wino = fold and self.winograd
+        wino = self.winograd if fold else "off"
         identity = _downsample(self.downsample, x, fold)
-        out = _block_relu(conv_norm(self.conv1, self.bn1, x, fold, wino), self.relu, fold, wino)
+        out = _block_relu(conv_norm(self.conv1, self.bn1, x, fold, wino), self.relu, fold, wino != "off")
         out = conv_norm(self.conv2, self.bn2, out, fold, wino)
         return _block_relu(out + identity, self.relu, fold)
 
@@ -307,14 +335,14 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
         self.backend: Optional[str] = None  # "torch": the original's unfolded frozen BN (see conv_norm)
-        self.winograd = False  # set by ResNet.cpu_winograd
+        self.winograd = "off"  # set by ResNet.cpu_winograd
 
     def forward(self, x: Tensor) -> Tensor:
         fold = self.backend != "torch"
         identity = _downsample(self.downsample, x, fold)
         out = _block_relu(conv_norm(self.conv1, self.bn1, x, fold), self.relu, fold)
-        wino = fold and self.winograd
-        out = _block_relu(conv_norm(self.conv2, self.bn2, out, fold, wino), self.relu, fold, wino)
+        wino = self.winograd if fold else "off"
+        out = _block_relu(conv_norm(self.conv2, self.bn2, out, fold, wino), self.relu, fold, wino != "off")
         out = conv_norm(self.conv3, self.bn3, out, fold)
         return _block_relu(out + identity, self.relu, fold)
 
@@ -368,22 +396,27 @@ class ResNet(nn.Module):
         self.backend: Optional[str] = None
         # fused backends on the CPU: channels-last activations (see _channels_last); False: NCHW
         self.cpu_channels_last = True
+        self.cpu_winograd = "f2"
         self._init_weights()
 
     @property
-    def cpu_winograd(self) -> bool:
-        """Whether the fused backends run the blocks' 3x3 stride-1 convolutions of >= 64 channels
-        on the CPU as Winograd F(4, 3) / F(2, 3) (:mod:`.winograd`), where the map has enough tiles
-        (see ``_WINOGRAD_MIN_CHANNELS`` and ``_winograd_tile`` for the measured gains). Off by
-        default: the same function with different float rounding (F(4, 3)'s float32 output errors
-        ~4-8x the direct convolution's). ``backend="torch"`` never uses it."""
-        return any(getattr(m, "winograd", False) for m in self.modules())
+    def cpu_winograd(self) -> str:
+        """How the fused backends run the blocks' 3x3 stride-1 convolutions on the CPU (one of
+        :data:`WINOGRAD_MODES`): ``"f2"`` (default) Winograd F(2, 3) from 128 channels, whose
+        float32 rounding error is below the direct convolution's; ``"f4"`` F(4, 3) from 64 channels
+        (F(2, 3) at 512), fewer multiply-adds but ~4-8x the direct convolution's float32 error;
+        ``"off"`` the direct convolution. Each only where the map has enough tiles (measured gains
+        and crossovers: the comment above ``WINOGRAD_MODES``). Set it with a mode or a bool (True:
+        ``"f4"``). ``backend="torch"`` never uses it."""
+        modes = {getattr(m, "winograd", "off") for m in self.modules() if isinstance(m, (BasicBlock, Bottleneck))}
+        return modes.pop() if len(modes) == 1 else "mixed"
 
     @cpu_winograd.setter
-    def cpu_winograd(self, value: bool) -> None:
+    def cpu_winograd(self, value) -> None:
+        mode = winograd_mode(value)
         for m in self.modules():
             if isinstance(m, (BasicBlock, Bottleneck)):
-                m.winograd = bool(value)
+                m.winograd = mode
 
     def _channels_last(self, x: Tensor) -> bool:
         """Whether the body runs channels-last: for a channels-last model

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 __all__ = ["DABDETRConfig", "TrainRecipe", "Preset", "PRESETS", "get_config", "get_recipe", "get_preset"]
 
@@ -29,9 +29,11 @@ class DABDETRConfig:
     frozen_bn_eps: float = 1e-5
     backbone_width: int = 64  # ResNet stem width (64: torchvision's; smaller for the tiny preset)
     backbone_stages: int = 4  # 3: the ResNet up to layer3 (output stride 16, no layer4; a cheap CPU backbone)
-    # fused backends on the CPU: Winograd F(4,3)/F(2,3) for the 3x3 stride-1 convolutions of >= 128
-    # channels (faster, different float rounding: ResNet.cpu_winograd)
-    backbone_winograd: bool = False
+    # fused backends on the CPU, the backbone's 3x3 stride-1 convolutions (ResNet.cpu_winograd):
+    # "f2" Winograd F(2,3) from 128 channels (faster, float32 error below the direct convolution's),
+    # "f4" F(4,3) from 64 channels (faster still, ~4-8x the direct float32 error), "off" direct;
+    # a bool is read as True = "f4", False = "off"
+    backbone_winograd: Union[bool, str] = "f2"
     # position encodings
     pe_temperature_h: float = 20.0
     pe_temperature_w: float = 20.0

@@ -10,10 +10,12 @@ transformed weights small next to the activations (the backbone's rule: ``backbo
 
 Numerics: the same function in exact arithmetic, not the same rounding. In float32, F(4, 3)'s
 output error against a float64 reference is ~4-8x that of oneDNN's direct convolution (R50 shapes,
-He-initialised weights: 6-8e-6 vs 1-2e-6 relative to the output's maximum; F(2, 3): ~4e-7, below
-the direct one's; benchmarks/bench_winograd.py prints them); cuDNN runs the
-original DAB-DETR's convolutions with the same family of algorithms on GPUs. That is why it is a
-choice (``ResNet.cpu_winograd``, the ``+winograd`` benchmark providers), not the fused default.
+He-initialised weights: 6-8e-6 vs 0.7-1.9e-6 relative to the output's maximum); F(2, 3)'s is
+3-5e-7 on R50 shapes and small ones alike, at or below the direct one's
+(benchmarks/bench_winograd.py prints them); cuDNN runs the original DAB-DETR's convolutions with the
+same family of algorithms on GPUs. Hence the backbone's modes (``ResNet.cpu_winograd``): F(2, 3)
+from 128 channels is the fused backends' default ("f2"), F(4, 3) a choice ("f4", the ``+winograd``
+benchmark providers).
 
 Layout: the image tensors are NCHW-shaped and channels-last in memory (``x.permute(0, 2, 3, 1)``
 is then a view); the transformed domain is ``[(m + 2)^2, T, C]`` with ``T = N * ceil(H / m) *
