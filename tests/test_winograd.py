@@ -238,17 +238,20 @@ def _body(dtype=torch.float64):
 
 
 @pytest.mark.parametrize("shape,channels,tile,tile_f2", [
-    ((1, 64, 200, 334), 64, 4, 0), ((2, 512, 16, 16), 512, 2, 2), ((1, 512, 25, 42), 512, 2, 2),
+    ((1, 64, 200, 334), 64, 4, 0),
+    ((2, 512, 16, 16), 512, 2, 2),  # 32 tiles of F(4, 3) < 512 / 8; 128 of F(2, 3) >= 512 / 4
+    ((1, 512, 25, 42), 512, 4, 2),  # 77 tiles of F(4, 3)
     ((2, 256, 32, 32), 256, 4, 2), ((1, 256, 24, 24), 256, 4, 2),  # 36 tiles of F(4, 3)
-    ((1, 256, 16, 16), 256, 0, 2),  # 16 tiles of F(4, 3) < 32; 64 of F(2, 3) >= 256 / 4
+    ((1, 256, 16, 16), 256, 2, 2),  # 16 tiles of F(4, 3) < 32; 64 of F(2, 3) >= 256 / 4
+    ((1, 64, 16, 16), 64, 0, 0),  # 16 tiles of F(4, 3) < 32, F(2, 3) not below 128 channels
     ((1, 256, 12, 12), 256, 0, 0),  # 36 tiles of F(2, 3) < 64
     ((1, 512, 12, 12), 512, 0, 0),  # F(2, 3): 36 tiles < 128
     ((2, 128, 64, 64), 128, 4, 2),
     ((1, 32, 64, 64), 32, 0, 0),  # narrower than 64 channels
 ])
 def test_winograd_rule(shape, channels, tile, tile_f2):
-    """Which tile the backbone picks: mode "f4" from 64 channels, F(2, 3) above 256, enough tiles;
-    mode "f2" F(2, 3) from 128 channels, enough tiles; "off" none."""
+    """Which tile the backbone picks: mode "f4" F(4, 3) from 64 channels on enough tiles, else as
+    "f2"; mode "f2" F(2, 3) from 128 channels on enough tiles; "off" none."""
     conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     assert bb._winograd_tile(conv, torch.empty(shape), "f4") == tile
     assert bb._winograd_tile(conv, torch.empty(shape), "f2") == tile_f2
@@ -291,11 +294,13 @@ def test_backbone_takes_the_convolutions_the_rule_picks(monkeypatch):
     body(x)
     # resnet18 at 256x256: layer1 (64 channels, 64x64: 256 tiles) has 4 stride-1 3x3 convolutions,
     # layer2 (128, 32x32: 64 tiles) 3 (the first block's conv1 has stride 2); layer3 (256, 16x16:
-    # 16 tiles) and layer4 (512, 8x8: 16 tiles of F(2, 3)) have too few tiles
-    assert sorted(calls) == sorted([((64, 64, 3, 3), 4)] * 4 + [((128, 128, 3, 3), 4)] * 3)
+    # 16 tiles of F(4, 3), 64 of F(2, 3)) 3 as F(2, 3); layer4 (512, 8x8: 16 tiles of F(2, 3)) none
+    assert sorted(calls) == sorted([((64, 64, 3, 3), 4)] * 4 + [((128, 128, 3, 3), 4)] * 3
+                                   + [((256, 256, 3, 3), 2)] * 3)
     calls.clear()
-    narrow(x)  # layer1 32 channels: direct; layer2 64 channels at 32x32: 64 tiles
-    assert sorted(calls) == sorted([((64, 64, 3, 3), 4)] * 3)
+    narrow(x)  # layer1 32 channels: direct; layer2 64 channels at 32x32: 64 tiles; layer3 128 at 16x16:
+    # 64 tiles of F(2, 3) >= 128 / 4; layer4 256 at 8x8: 16 < 64
+    assert sorted(calls) == sorted([((64, 64, 3, 3), 4)] * 3 + [((128, 128, 3, 3), 2)] * 3)
     calls.clear()
     body.set_backend("torch")  # the eager baseline keeps the original's convolutions
     body(x)

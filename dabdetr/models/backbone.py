@@ -176,24 +176,25 @@ _NCHW_WGRAD_MIN_CHANNELS = 128
 #         74.4 -> 47.2; at 512x512:2 37.5 -> 29.0, 37.2 -> 25.3, 41.3 -> 28.0; forward only 1.02-1.38x
 #         at 128-256 channels, 1.2-1.3x at 512. At 64 channels it loses (layer1, forward only:
 #         11.3 -> 14.6 ms at 512x512:2), hence the floor.
-#   "f4": F(4x4, 3x3) from _WINOGRAD_MIN_CHANNELS, F(2x2, 3x3) above _WINOGRAD_F4_MAX_CHANNELS
-#         (F(4, 3)'s transformed weights are 4x the weights): 4x fewer multiply-adds in the GEMMs,
-#         float32 error ~4-8x the direct one's (6-8e-6), hence a choice (``backbone_winograd="f4"``,
-#         the "+winograd" benchmark providers). Same machine, same cases: layer2 74.7 -> 36.7,
-#         layer3 72.8 -> 32.9 (F(4, 3)), layer4 74.4 -> 39.9 (F(2, 3)); at 512x512:2 37.5 -> 18.3,
-#         37.2 -> 18.5, 41.3 -> 28.0; layer1 22.2 -> 18.2 and 11.3 -> 9.2 (forward only).
+#   "f4": F(4x4, 3x3) from _WINOGRAD_MIN_CHANNELS channels where the map has enough tiles, else
+#         F(2x2, 3x3) as "f2": 4x fewer multiply-adds in the GEMMs, float32 error ~4-8x the direct
+#         one's (6-8e-6), hence a choice (``backbone_winograd="f4"``, the "+winograd" benchmark
+#         providers). Same machine, same cases: layer2 74.7 -> 36.7, layer3 72.8 -> 32.9, layer4
+#         (77 tiles of F(4, 3)) 74.4 -> 40.4; at 512x512:2 37.5 -> 18.3, 37.2 -> 18.5, layer4 (32
+#         tiles: F(2, 3)) 41.3 -> 28.0; layer1 22.2 -> 18.2 and 11.3 -> 9.2 (forward only).
 #   "off": the direct convolution.
 # (benchmarks/results/winograd_cpu_float32_vm.md; python benchmarks/bench_winograd.py)
 WINOGRAD_MODES = ("off", "f2", "f4")
 _WINOGRAD_MIN_CHANNELS = 64
 _WINOGRAD_F2_MIN_CHANNELS = 128
-_WINOGRAD_F4_MAX_CHANNELS = 256  # wider: F(2, 3)
 # ... and enough tiles: the weight transform and the transformed weights ((m+2)^2 C K values) cost
 # the same whatever the map size, the GEMMs' saving grows with it. Measured crossovers
-# (benchmarks/bench_winograd.py, 128-384 px images): F(4, 3) at 256 channels loses on 16 tiles
-# (0.88x), wins on 36 (1.32x); at 128 channels it wins from 16; F(2, 3) at 512 channels loses on 36
-# tiles (0.76x), wins on 128 (1.18x). Rule: at least max(32, max(C, K) / 8) tiles for F(4, 3),
-# max(C, K) / 4 for F(2, 3).
+# (benchmarks/bench_winograd.py, 128-384 px images; forward+backward, C = K): F(4, 3) at 256 channels
+# loses to the direct convolution on 16 tiles (0.88x), wins on 36 (1.32x); at 128 channels it wins
+# from 16; at 512 channels it ties F(2, 3) on 32 tiles (0.99x) and beats it from 64 (1.15-1.26x on
+# 64-77; 0.83x on 16); F(2, 3) at 512 channels loses to direct on 36 tiles (0.76x), wins on 128
+# (1.18x). Rule: F(4, 3) on at least max(32, max(C, K) / 8) tiles, else F(2, 3) on at least
+# max(C, K) / 4.
 _WINOGRAD_MIN_TILES = 32
 
 
@@ -213,17 +214,16 @@ def winograd_mode(value) -> str:
 def _winograd_tile(conv: nn.Conv2d, x: Tensor, mode: str = "f4") -> int:
     """The Winograd tile (4 or 2) for ``conv`` on ``x`` in ``mode`` (see WINOGRAD_MODES), 0: the
     direct convolution."""
-    if (mode == "off" or not winograd.conv_supported(conv, x)
-            or min(conv.in_channels, conv.out_channels) < (_WINOGRAD_F2_MIN_CHANNELS if mode == "f2"
-                                                           else _WINOGRAD_MIN_CHANNELS)
-            or torch.is_autocast_enabled("cpu")):
+    if mode == "off" or not winograd.conv_supported(conv, x) or torch.is_autocast_enabled("cpu"):
         return 0
-    wide = max(conv.in_channels, conv.out_channels)
-    m = 4 if mode == "f4" and wide <= _WINOGRAD_F4_MAX_CHANNELS else 2
+    narrow, wide = min(conv.in_channels, conv.out_channels), max(conv.in_channels, conv.out_channels)
     n, _, h, w = x.shape
-    tiles = winograd.tile_grid(m, n, h, w)[2]
-    enough = max(_WINOGRAD_MIN_TILES, wide // 8) if m == 4 else wide // 4
-    return m if tiles >= enough else 0
+    if (mode == "f4" and narrow >= _WINOGRAD_MIN_CHANNELS
+            and winograd.tile_grid(4, n, h, w)[2] >= max(_WINOGRAD_MIN_TILES, wide // 8)):
+        return 4
+    if narrow >= _WINOGRAD_F2_MIN_CHANNELS and winograd.tile_grid(2, n, h, w)[2] >= wide // 4:
+        return 2
+    return 0
 
 
 def _conv2d(conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor], winograd_mode: str = "off") -> Tensor:
@@ -403,8 +403,9 @@ class ResNet(nn.Module):
     def cpu_winograd(self) -> str:
         """How the fused backends run the blocks' 3x3 stride-1 convolutions on the CPU (one of
         :data:`WINOGRAD_MODES`): ``"f2"`` (default) Winograd F(2, 3) from 128 channels, whose
-        float32 rounding error is below the direct convolution's; ``"f4"`` F(4, 3) from 64 channels
-        (F(2, 3) at 512), fewer multiply-adds but ~4-8x the direct convolution's float32 error;
+        float32 rounding error is at or below the direct convolution's; ``"f4"`` F(4, 3) from 64
+        channels (else F(2, 3) as "f2"), fewer multiply-adds but ~4-8x the direct convolution's
+        float32 error;
         ``"off"`` the direct convolution. Each only where the map has enough tiles (measured gains
         and crossovers: the comment above ``WINOGRAD_MODES``). Set it with a mode or a bool (True:
         ``"f4"``). ``backend="torch"`` never uses it."""
