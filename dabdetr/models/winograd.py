@@ -77,7 +77,8 @@ def weight_transform(weight: Tensor, m: int, cpp: Optional[bool] = None) -> Tens
     and its gradient returned in it (no copy for ``AccumulateGrad``). Else, and under
     ``create_graph=True``, one GEMM on the weight's memory (``[K C, 9]`` read transposed): its
     backward is a GEMM with a 9-column result, which oneDNN/MKL run far below the memory rate (R50's
-    ``[256, 256]`` layer3 filters on the 2-core CPU: 6.8 ms against the op's 0.56 ms)."""
+    ``[256, 256]`` layer3 filters on the 2-core CPU: 6.8 ms against the op's 0.56 ms). ``cpp``:
+    True / False forces the op / the GEMM; None: the op when the extension has it."""
     _check_m(m)
     if (_use_cpp_weight(cpp) and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
             and weight.dim() == 4):
