@@ -561,8 +561,10 @@ def test_batched_key_side_projections_match_per_layer(gen):
     projections (backend="torch"). In float64: in float32 the two backends' backbones (folded BN,
     channels-last) round a pre-activation near zero to opposite signs now and then, and a ReLU
     then changes a backbone gradient past any useful tolerance (~7% of random seeds). Tolerance
-    1e-6 relative: the image position embedding is float32 in any model, as the original computes
-    it, and the two backends round it differently (~4e-7), which leaves ~1e-8 downstream."""
+    1e-5 relative: the image position embedding is float32 in any model, as the original computes
+    it, and the two backends round it differently (~4e-7), which leaves up to ~1e-6 of a
+    gradient's maximum downstream (worst of 30 seeds 8.4e-7; a 1e-6 tolerance failed one CI-like
+    run in ~30)."""
     torch.manual_seed(3)
     m = DABDETR(small_config(), backend="torch").double()
     images, _ = small_batch(gen)
@@ -570,10 +572,10 @@ def test_batched_key_side_projections_match_per_layer(gen):
     (ba, la, ga), (bb, lb, gb) = (_outputs_and_grads(m, images, backend) for backend in ("torch", "cpu"))
     assert ba.dtype == torch.float64
     for a, b in ((ba, bb), (la, lb)):
-        assert torch.allclose(a, b, rtol=0, atol=1e-6 * a.abs().max().item())
+        assert torch.allclose(a, b, rtol=0, atol=1e-5 * a.abs().max().item())
     assert ga.keys() == gb.keys()
     for n in ga:
-        assert torch.allclose(ga[n], gb[n], rtol=0, atol=1e-6 * ga[n].abs().max().item() + 1e-12), n
+        assert torch.allclose(ga[n], gb[n], rtol=0, atol=1e-5 * ga[n].abs().max().item() + 1e-12), n
     d = m.config.hidden_dim
     ks = m.transformer.decoder.key_side_projections(torch.randn(2, 7, d, generator=gen, dtype=torch.float64),
                                                     torch.randn(2, 7, d, generator=gen, dtype=torch.float64))
@@ -698,10 +700,10 @@ def test_first_decoder_layer_self_attention_over_zero_content(gen, monkeypatch):
     assert calls == [m.transformer.decoder.layers[0]]
     # tolerance: as test_batched_key_side_projections_match_per_layer (the float32 image position
     # embedding rounds differently in the two backends)
-    torch.testing.assert_close(bb, ba, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bb, ba, rtol=0, atol=1e-5 * ba.abs().max().item())
     assert ga.keys() == gb.keys()
     for n in ga:
-        torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-6 * ga[n].abs().max().item() + 1e-12, msg=n)
+        torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-5 * ga[n].abs().max().item() + 1e-12, msg=n)
     dead = [f"transformer.decoder.layers.0.{name}" for name in
             ("sa_v_proj.weight", "sa_qcontent_proj.weight", "sa_qcontent_proj.bias", "sa_kcontent_proj.weight",
              "sa_kcontent_proj.bias", "sa_qpos_proj.weight", "sa_qpos_proj.bias", "sa_kpos_proj.weight",

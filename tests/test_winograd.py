@@ -384,3 +384,31 @@ def test_bench_model_provider_option():
         parse_provider("fused+winograd+direct")
     with pytest.raises(ValueError, match="direct is an option of the fused backends"):
         parse_provider("eager+direct")
+
+
+@needs_cpp
+def test_weight_grad_op_and_compiled_saved_tensors():
+    """``dabdetr_winograd::weight_grad`` is ``bmm(grad_m^T, input_transform(x))`` (opcheck), and a
+    compiled Winograd convolution keeps x for the backward, not the transformed input
+    (``(m + 2)² / m²`` times larger): written as two ops in the backward, inductor's graph passes
+    merged the recomputed transform with the forward's and saved it (checked: this test then
+    sees a ``[16, 72, 8]`` saved tensor)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, 10, 5, generator=g)
+    gm = torch.randn(16, wg.tile_grid(2, 2, 6, 10)[2], 4, generator=g)
+    ops = torch.ops.dabdetr_winograd
+    torch.testing.assert_close(ops.weight_grad(gm, x, 2), torch.bmm(gm.transpose(1, 2), ops.input_transform(x, 2)))
+    torch.library.opcheck(ops.weight_grad.default, (gm, x, 2))
+
+    n, c, k, h, w, m = 2, 8, 8, 12, 12, 2
+    xx = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ww = torch.randn(k, c, 3, 3, generator=g).requires_grad_()
+    f = torch.compile(lambda a, b: torch.relu(wg.winograd_conv3x3(a, b, None, m)), fullgraph=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = f(xx, ww)
+    domain = ((m + 2) ** 2, wg.tile_grid(m, n, h, w)[2], c)
+    assert saved and domain not in saved and (n, h, w, c) in saved, saved
+    y.sum().backward()
+    ref = torch.autograd.grad(F.conv2d(xx, ww, padding=1).relu().sum(), ww)[0]
+    torch.testing.assert_close(ww.grad, ref, rtol=1e-4, atol=1e-4)
