@@ -1,12 +1,14 @@
-// CPU tile transforms of Winograd F(m x m, 3 x 3) convolutions (m = 2 or 4; stride 1, padding 1,
-// channels-last): the four ops of `dabdetr_winograd`. The convolution itself (dabdetr/models/
-// winograd.py) is: V = input_transform(x), Mt[xi] = V[xi] @ U[xi] (A*A batched GEMMs, U = G g G^T
-// the transformed weights), y = output_transform(Mt); its backward uses the two adjoints below and
-// the same batched GEMMs. Each transform is one pass over its input and output (the pure-torch
-// formulation of the same maps takes a gather copy, a [A*A, A*A] GEMM and a permute copy).
+// CPU transforms of Winograd F(m x m, 3 x 3) convolutions (m = 2 or 4; stride 1, padding 1,
+// channels-last): the C++ ops of `dabdetr_winograd`. The convolution itself (dabdetr/models/
+// winograd.py) is: V = input_transform(x), Mt[xi] = V[xi] @ U[xi] (A*A batched GEMMs, U =
+// weight_transform(g) = G g G^T the transformed weights), y = output_transform(Mt); its backward
+// uses the three adjoints below and the same batched GEMMs. Each transform is one pass over its
+// input and output (the pure-torch formulation of the same maps takes a gather copy, a [A*A, A*A]
+// (or [A*A, 9]) GEMM and a permute copy).
 //
-// Parallel over tiles (at::parallel_for); input_transform_backward adds overlapping tile windows
-// into gx and runs its even tile rows, then its odd ones (see winograd_impl.h).
+// Tile transforms run parallel over tiles (at::parallel_for; input_transform_backward adds
+// overlapping tile windows into gx and runs its even tile rows, then its odd ones, see
+// winograd_impl.h), the weight transforms over filters.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
