@@ -170,10 +170,10 @@ _NCHW_WGRAD_MIN_CHANNELS = 128
 #   "f2": F(2x2, 3x3) only, from _WINOGRAD_F2_MIN_CHANNELS channels. Its float32 output error
 #         against float64 is at or below the direct convolution's (R50 shapes: 3.6-4.2e-7 vs
 #         0.7-1.9e-6 relative to the output's maximum; small maps 3-5e-7 vs 2-4e-7; the transforms
-#         are adds and halvings), so it is the fused backends' default. Forward+backward per convolution, 2-core AVX-512 EPYC, vs the direct
-#         path (channels-last oneDNN, NCHW weight gradient), ms: R50 at 800x1333:1 layer2 (128
-#         channels, 100x167) 74.7 -> 59.6, layer3 (256, 50x84) 72.8 -> 48.5, layer4 (512, 25x42)
-#         74.4 -> 47.2; at 512x512:2 37.5 -> 29.0, 37.2 -> 25.3, 41.3 -> 28.0; forward only 1.02-1.38x
+#         are adds and halvings), so it is the fused backends' default. Forward+backward per
+#         convolution, 2-core AVX-512 EPYC, vs the direct path (channels-last oneDNN, NCHW weight
+#         gradient), ms: R50 at 800x1333:1 layer2 (128 channels, 100x167) 74.7 -> 59.6, layer3
+#         (256, 50x84) 72.8 -> 48.5, layer4 (512, 25x42) 74.4 -> 47.2; at 512x512:2 37.5 -> 29.0, 37.2 -> 25.3, 41.3 -> 28.0; forward only 1.02-1.38x
 #         at 128-256 channels, 1.2-1.3x at 512. At 64 channels it loses (layer1, forward only:
 #         11.3 -> 14.6 ms at 512x512:2), hence the floor.
 #   "f4": F(4x4, 3x3) from _WINOGRAD_MIN_CHANNELS channels where the map has enough tiles, else
@@ -208,7 +208,8 @@ def winograd_mode(value) -> str:
         return "off"
     if isinstance(value, str) and value.lower() in WINOGRAD_MODES:
         return value.lower()
-    raise ValueError(f"backbone_winograd (ResNet.cpu_winograd) must be one of {WINOGRAD_MODES} or a bool, got {value!r}")
+    raise ValueError(f"backbone_winograd (ResNet.cpu_winograd) must be one of {WINOGRAD_MODES} or a bool, "
+                     f"got {value!r}")
 
 
 def _winograd_tile(conv: nn.Conv2d, x: Tensor, mode: str = "f4") -> int:

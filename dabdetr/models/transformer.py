@@ -336,10 +336,10 @@ class TransformerDecoderLayer(nn.Module):
         # ---- self-attention
         if zero_content and self.backend != "torch" and self_attn_mask is None and p == 0.0:
             tgt2 = self._zero_content_self_attention(tgt)
-            _put(rec, "dec_self_attn_out", tgt2)
-            tgt = self.norm1(tgt + self.dropout1(tgt2))
         else:
-            tgt = self._self_attention(tgt, query_pos, self_attn_mask, p, rec)
+            tgt2 = self._self_attention(tgt, query_pos, self_attn_mask, p)
+        _put(rec, "dec_self_attn_out", tgt2)
+        tgt = self.norm1(tgt + self.dropout1(tgt2))
         return self._cross_attention_and_ffn(tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask,
                                              rec, key_side, p)
 
@@ -348,7 +348,8 @@ class TransformerDecoderLayer(nn.Module):
         patterns or denoising queries, REFERENCE.md): every value row is ``sa_v_proj(0)``, its bias,
         and each softmax row sums to one, so the output is ``out_proj(sa_v_proj.bias)`` for every
         query, whatever the logits (with attention dropout or a mask it is not: the caller checks).
-        That skips seven ``[B Q, d] x [d, d]`` GEMMs and the attention, forward and backward.
+        That skips the five projections, the attention and all but one row of ``out_proj``,
+        forward and backward.
         Gradients are the original's in exact arithmetic: ``sa_v_proj.weight`` and the q/k
         projections get zeros (the original's rounding leaves ~1e-9 on the positional ones), added
         explicitly so every parameter still takes part in the graph (DDP without
@@ -358,8 +359,8 @@ class TransformerDecoderLayer(nn.Module):
         out = self.self_attn((self.sa_v_proj.bias + 0.0 * zero).to(tgt.dtype))
         return out.expand(tgt.shape)
 
-    def _self_attention(self, tgt: Tensor, query_pos: Tensor, self_attn_mask: Optional[Tensor], p: float,
-                        rec: Rec) -> Tensor:
+    def _self_attention(self, tgt: Tensor, query_pos: Tensor, self_attn_mask: Optional[Tensor], p: float) -> Tensor:
+        """The self-attention's output (after ``out_proj``, before the residual and ``norm1``)."""
         H = self.nhead
         if self.backend == "torch":  # the original: five projections
             q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
@@ -370,9 +371,7 @@ class TransformerDecoderLayer(nn.Module):
             qp, kp = _linear_cat(query_pos, (self.sa_qpos_proj, self.sa_kpos_proj))
             q, k = q + qp, k + kp
         sa = _attention(_heads(q, H), _heads(k, H), _heads(v, H), self_attn_mask, p, self.backend)
-        tgt2 = self.self_attn(_merge(sa))
-        _put(rec, "dec_self_attn_out", tgt2)
-        return self.norm1(tgt + self.dropout1(tgt2))
+        return self.self_attn(_merge(sa))
 
     def _cross_attention_and_ffn(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor,
                                  query_sine_embed: Tensor, memory_key_padding_mask: Optional[Tensor], rec: Rec,

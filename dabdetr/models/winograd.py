@@ -69,7 +69,7 @@ def _kron(m: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Ten
     return _KRON_CACHE[key]
 
 
-def weight_transform(weight: Tensor, m: int, cpp: Optional[bool] = None) -> Tensor:
+def weight_transform(weight: Tensor, m: int) -> Tensor:
     """``U[xi] = (G g G^T)[xi]`` of a ``[K, C, 3, 3]`` weight as ``[A², K, C]`` (differentiable).
 
     The C++ op ``dabdetr_winograd::weight_transform`` (and its adjoint for the gradient) when
@@ -77,10 +77,9 @@ def weight_transform(weight: Tensor, m: int, cpp: Optional[bool] = None) -> Tens
     and its gradient returned in it (no copy for ``AccumulateGrad``). Else, and under
     ``create_graph=True``, one GEMM on the weight's memory (``[K C, 9]`` read transposed): its
     backward is a GEMM with a 9-column result, which oneDNN/MKL run far below the memory rate (R50's
-    ``[256, 256]`` layer3 filters on the 2-core CPU: 6.8 ms against the op's 0.56 ms). ``cpp``:
-    True / False forces the op / the GEMM; None: the op when the extension has it."""
+    ``[256, 256]`` layer3 filters on the 2-core CPU: 6.8 ms against the op's 0.56 ms)."""
     _check_m(m)
-    if (_use_cpp_weight(cpp) and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
+    if (HAS_CPP_WEIGHT_TRANSFORM and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
             and weight.dim() == 4):
         return _WeightTransform.apply(weight, m)
     return weight_transform_torch(weight, m)
@@ -208,10 +207,6 @@ if HAS_CPP_TRANSFORMS:
 def _use_cpp(cpp: Optional[bool]) -> bool:
     """``cpp=None``: the C++ ops when loaded (HAS_CPP_TRANSFORMS, read at call time: tests switch it)."""
     return HAS_CPP_TRANSFORMS if cpp is None else cpp
-
-
-def _use_cpp_weight(cpp: Optional[bool]) -> bool:
-    return HAS_CPP_WEIGHT_TRANSFORM if cpp is None else cpp
 
 
 class _WeightTransform(torch.autograd.Function):
