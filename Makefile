@@ -56,6 +56,7 @@ ops-demo: setup
 # kernel compiled to cubin for sm_80 and sm_90 (registers / shared memory report).
 test: setup
 	$(PYTHON) -m pytest -q tests
+	$(PYTHON) tests/cuda_emu.py --asan
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_triton.py
 	$(PYTHON) benchmarks/triton_compile_report.py
 

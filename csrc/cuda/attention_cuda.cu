@@ -53,7 +53,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+#ifndef DABDETR_CUDA_EMULATION
 #include <mma.h>
+#endif
 
 #include <cmath>
 #include <limits>
@@ -374,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const __grid_cons
   using L = FwdLayout<T>;
   constexpr int BM = L::BM, BN = L::BN;
   static_assert(BN % 32 == 0, "forward key tile must be a multiple of 32");
-  extern __shared__ __align__(128) unsigned char smem[];
+  DABDETR_DYNAMIC_SMEM(smem, 128);
   const L lay(p.Dqk16, p.Dv16);
   T* Qs = reinterpret_cast<T*>(smem + lay.q);
   T* Ks = reinterpret_cast<T*>(smem + lay.k);
@@ -575,7 +577,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_kernel(const __grid
   using acc_t = typename Acc<T>::type;
   using L = BwdLayout<T>;
   constexpr int BM = L::BM, BN = L::BN;
-  extern __shared__ __align__(128) unsigned char smem[];
+  DABDETR_DYNAMIC_SMEM(smem, 128);
   const L lay(p.Dqk16, p.Dv16, true);
   T* Qs = reinterpret_cast<T*>(smem + lay.q);
   T* dOs = reinterpret_cast<T*>(smem + lay.go);
@@ -624,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_dq_kernel(const __grid_c
   using acc_t = typename Acc<T>::type;
   using L = BwdLayout<T>;
   constexpr int BM = L::BM, BN = L::BN;
-  extern __shared__ __align__(128) unsigned char smem[];
+  DABDETR_DYNAMIC_SMEM(smem, 128);
   const L lay(p.Dqk16, p.Dv16, false);
   T* Qs = reinterpret_cast<T*>(smem + lay.q);
   T* dOs = reinterpret_cast<T*>(smem + lay.go);
@@ -762,8 +764,7 @@ void launch(Kernel kernel, int64_t blocks, uint32_t smem, int device, cudaStream
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream, p);
 }
 
 // The backward kernels in stream order. dQ before dK/dV: the latter reads delta, which the dQ kernel
@@ -789,12 +790,14 @@ std::tuple<at::Tensor, at::Tensor> content_position_attention_cuda(
   const AttentionSizes s = check_attention_args(q_content, q_pos, k_content, k_pos, value, key_padding_mask);
   check_cuda_tensor(q_content, kOp, "q_content");
   check_head_dims(s);
-  const c10::cuda::CUDAGuard guard(q_content.device());
+  const DeviceGuard guard(q_content.device());
   const auto acc = q_content.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({s.B, s.Nq, s.H, s.Dv}, q_content.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({s.B, s.H, s.Nq}, q_content.options().dtype(acc).memory_format(at::MemoryFormat::Contiguous));
+  poison_output(out);
+  poison_output(lse);
   if (s.B == 0 || s.H == 0 || s.Nq == 0) return {out, lse};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const int device = q_content.get_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_content.scalar_type(), "dabdetr_cpa_cuda", [&] {
     using T = typename Native<scalar_t>::type;
@@ -817,18 +820,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> content_p
   check_attention_backward_args(s, grad_out, out, logsumexp, q_content);
   check_cuda_tensor(q_content, kOp, "q_content");
   check_head_dims(s);
-  const c10::cuda::CUDAGuard guard(q_content.device());
+  const DeviceGuard guard(q_content.device());
   const auto opts = q_content.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor gqc = at::empty(q_content.sizes(), opts);
   at::Tensor gqp = at::empty(q_pos.sizes(), opts);
   at::Tensor gkc = at::empty(k_content.sizes(), opts);
   at::Tensor gkp = at::empty(k_pos.sizes(), opts);
   at::Tensor gv = at::empty(value.sizes(), opts);
+  for (at::Tensor* t : {&gqc, &gqp, &gkc, &gkp, &gv}) poison_output(*t);
   if (s.B == 0 || s.H == 0) return {gqc, gqp, gkc, gkp, gv};
   const at::Tensor lse = logsumexp.contiguous();
   const auto acc = q_content.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor delta = at::empty({s.B, s.H, s.Nq}, q_content.options().dtype(acc));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  poison_output(delta);
+  const cudaStream_t stream = current_stream();
   const int device = q_content.get_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_content.scalar_type(), "dabdetr_cpa_bwd_cuda", [&] {
     using T = typename Native<scalar_t>::type;
@@ -852,9 +857,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> content_p
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dabdetr, CUDA, m) {
-  m.impl("content_position_attention", &content_position_attention_cuda);
-  m.impl("content_position_attention_backward", &content_position_attention_backward_cuda);
+DABDETR_CUDA_LIBRARY(m) {
+  DABDETR_CUDA_KERNEL(m, "content_position_attention", &content_position_attention_cuda);
+  DABDETR_CUDA_KERNEL(m, "content_position_attention_backward", &content_position_attention_backward_cuda);
 }
 
 }  // namespace cuda

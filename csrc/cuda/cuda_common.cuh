@@ -4,18 +4,31 @@
 // Only ATen / c10 headers (not torch/extension.h): they compile ~3x faster under nvcc.
 #pragma once
 
+// Built two ways: by nvcc for the GPU, and by the host compiler with DABDETR_CUDA_EMULATION defined
+// for csrc/emu (the same kernels run on the CPU by an emulator of the CUDA execution model, for the
+// tests: tests/test_cuda_emulated.py). The few places where they differ are the helpers below
+// (dynamic shared memory, kernel launch, device guard / stream, device attributes, registration).
+#ifdef DABDETR_CUDA_EMULATION
+#include "../emu/cuda_emu.h"
+#endif
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <ATen/core/Tensor.h>
+#ifndef DABDETR_CUDA_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <utility>
 
 #include "../common/checks.h"
 
@@ -148,7 +161,54 @@ inline at::Tensor make_device_indexer(const at::Tensor& t, DeviceRowIndexer& idx
 // ------------------------------------------------------------------------------------------------
 // launch helpers
 
+#ifdef DABDETR_CUDA_EMULATION
+// The kernels' dynamic shared memory: the emulator's per-block buffer.
+#define DABDETR_DYNAMIC_SMEM(name, align) unsigned char* name = ::cuemu::dynamic_smem()
+#define C10_CUDA_CHECK(expr) ((void)0)
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
+// The emulated ops are registered as CPU ops of their own namespace (schemas inferred from the
+// functions), never as the CUDA kernels of dabdetr::.
+#define DABDETR_CUDA_LIBRARY(m) TORCH_LIBRARY_FRAGMENT(dabdetr_cuda_emu, m)
+#define DABDETR_CUDA_KERNEL(m, name, fn) m.def(name, fn)
+struct DeviceGuard {
+  explicit DeviceGuard(const c10::Device&) {}
+};
+inline cudaStream_t current_stream() { return nullptr; }
+#else
+#define DABDETR_DYNAMIC_SMEM(name, align) extern __shared__ __align__(align) unsigned char name[]
+#define DABDETR_CUDA_LIBRARY(m) TORCH_LIBRARY_IMPL(dabdetr, CUDA, m)
+#define DABDETR_CUDA_KERNEL(m, name, fn) m.impl(name, fn)
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+#endif
+
+// kernel<<<grid, block, smem, stream>>>(args...) and the launch error check.
+template <typename... KArgs, typename... Args>
+inline void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args&&... args) {
+#ifdef DABDETR_CUDA_EMULATION
+  (void)stream;
+  ::cuemu::launch(kernel, grid, block, smem, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+#endif
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Emulation: outputs start as NaN (what the kernels do not write shows up); on the GPU a no-op.
+inline void poison_output(at::Tensor& t) {
+#ifdef DABDETR_CUDA_EMULATION
+  if (t.is_floating_point() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+#else
+  (void)t;
+#endif
+}
+
 inline int num_sms(int device) {
+#ifdef DABDETR_CUDA_EMULATION
+  (void)device;
+  return 2;  // a small GPU: the kernels' grid-stride loops then take several turns at test sizes
+#else
   static int cached[64] = {0};
   if (device < 0 || device >= 64) device = 0;
   if (cached[device] == 0) {
@@ -157,9 +217,14 @@ inline int num_sms(int device) {
     cached[device] = v > 0 ? v : 1;
   }
   return cached[device];
+#endif
 }
 
 inline int max_smem_optin(int device) {
+#ifdef DABDETR_CUDA_EMULATION
+  (void)device;
+  return 227 * 1024;  // sm_90
+#else
   static int cached[64] = {0};
   if (device < 0 || device >= 64) device = 0;
   if (cached[device] == 0) {
@@ -168,13 +233,19 @@ inline int max_smem_optin(int device) {
     cached[device] = v > 0 ? v : 48 * 1024;
   }
   return cached[device];
+#endif
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline void check_cuda_tensor(const at::Tensor& t, const char* op, const char* name) {
+#ifdef DABDETR_CUDA_EMULATION
+  TORCH_CHECK(t.is_cpu(), "dabdetr.", op, ": '", name, "' must be a CPU tensor for the emulated CUDA kernel, got ",
+              t.device());
+#else
   TORCH_CHECK(t.is_cuda(), "dabdetr.", op, ": '", name, "' must be a CUDA tensor for the CUDA kernel, got ",
               t.device());
+#endif
 }
 
 }  // namespace cuda

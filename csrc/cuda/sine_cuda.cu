@@ -181,8 +181,7 @@ void launch_fwd(const T* x, const T* ref, const T* ps, T* out, const FwdArgs& ar
   const int64_t gy = std::min<int64_t>({ceil_div(args.rows, by), want_y, 65535});
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(std::max<int64_t>(gy, 1)));
   const dim3 block(bx, by);
-  sine_fwd_kernel<T, P, kMod><<<grid, block, 0, stream>>>(x, ref, ps, out, args, temps);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(&sine_fwd_kernel<T, P, kMod>, grid, block, 0, stream, x, ref, ps, out, args, temps);
 }
 
 // Pairs per thread for 16-byte stores.
@@ -234,7 +233,7 @@ __global__ void __launch_bounds__(256) sine_bwd_kernel(const T* __restrict__ x, 
                                                        T* __restrict__ gps, const BwdArgs args,
                                                        const __grid_constant__ Temps temps) {
   using acc_t = typename Acc<T>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DABDETR_DYNAMIC_SMEM(smem_raw, 16);
   acc_t* wtab = reinterpret_cast<acc_t*>(smem_raw);
   const int F = args.F;
   const int half = F / 2;
@@ -334,10 +333,9 @@ void launch_bwd(const T* x, const T* go, const T* ref, const T* ps, T* gx, T* gr
   const int64_t nseg = args.rows * args.C;
   const int64_t warps_needed = ceil_div(nseg, 32 / G);
   const int64_t blocks = std::min<int64_t>(ceil_div(warps_needed, 8), static_cast<int64_t>(num_sms(device)) * 16);
-  sine_bwd_kernel<T, kMod><<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), 256,
-                             args.use_table ? static_cast<size_t>(table_bytes) : 0, stream>>>(x, go, ref, ps, gx,
-                                                                                              gref, gps, args, temps);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(&sine_bwd_kernel<T, kMod>, dim3(static_cast<unsigned>(std::max<int64_t>(blocks, 1))), dim3(256),
+                args.use_table ? static_cast<size_t>(table_bytes) : 0, stream, x, go, ref, ps, gx, gref, gps, args,
+                temps);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -371,12 +369,13 @@ at::Tensor sine_embed_cuda(const at::Tensor& coords, int64_t num_feats, c10::Arr
   const int64_t C = coords.size(-1);
   TORCH_CHECK(C * num_feats <= 2147483647LL, "dabdetr.sine_embed: C * num_feats = ", C * num_feats,
               " is too large for the CUDA kernel");
-  const c10::cuda::CUDAGuard guard(coords.device());
+  const DeviceGuard guard(coords.device());
   DeviceRowIndexer xi;
   const at::Tensor in = make_device_indexer(coords, xi);
   std::vector<int64_t> out_sizes(coords.sizes().begin(), coords.sizes().end());
   out_sizes.back() = C * num_feats;
   at::Tensor out = at::empty(out_sizes, coords.options().memory_format(at::MemoryFormat::Contiguous));
+  poison_output(out);
   if (out.numel() == 0) return out;
   at::Tensor keep;
   const Temps temps = make_temps(temperature, coords, keep);
@@ -387,7 +386,7 @@ at::Tensor sine_embed_cuda(const at::Tensor& coords, int64_t num_feats, c10::Arr
   args.F = static_cast<int>(num_feats);
   args.scale = scale;
   args.exchange_xy = exchange_xy;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const int device = coords.get_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, coords.scalar_type(), "dabdetr_sine_embed_cuda", [&] {
     using T = typename Native<scalar_t>::type;
@@ -403,11 +402,12 @@ at::Tensor sine_embed_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   check_cuda_tensor(coords, kSine, "coords");
   const int64_t C = coords.size(-1);
   check_grad_out(grad_out, coords, "coords", C * num_feats);
-  const c10::cuda::CUDAGuard guard(coords.device());
+  const DeviceGuard guard(coords.device());
   DeviceRowIndexer xi, gi;
   const at::Tensor in = make_device_indexer(coords, xi);
   const at::Tensor g = make_device_indexer(grad_out, gi);
   at::Tensor grad = at::empty(coords.sizes(), coords.options().memory_format(at::MemoryFormat::Contiguous));
+  poison_output(grad);
   if (grad.numel() == 0) return grad;
   at::Tensor keep;
   const Temps temps = make_temps(temperature, coords, keep);
@@ -420,7 +420,7 @@ at::Tensor sine_embed_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   args.F = static_cast<int>(num_feats);
   args.scale = scale;
   args.exchange_xy = exchange_xy;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const int device = coords.get_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, coords.scalar_type(), "dabdetr_sine_embed_bwd_cuda", [&] {
     using T = typename Native<scalar_t>::type;
@@ -443,7 +443,7 @@ at::Tensor modulated_sine_query_cuda(const at::Tensor& anchors, const c10::optio
                                      const c10::optional<at::Tensor>& pos_scale, int64_t num_feats,
                                      c10::ArrayRef<double> temperature, double scale) {
   check_modulated_args_cuda(anchors, ref_wh, pos_scale, num_feats, temperature);
-  const c10::cuda::CUDAGuard guard(anchors.device());
+  const DeviceGuard guard(anchors.device());
   const bool has_ref = ref_wh.has_value();
   const bool has_ps = pos_scale.has_value();
   FwdArgs args{};
@@ -453,6 +453,7 @@ at::Tensor modulated_sine_query_cuda(const at::Tensor& anchors, const c10::optio
   std::vector<int64_t> out_sizes(anchors.sizes().begin(), anchors.sizes().end());
   out_sizes.back() = 2 * num_feats;
   at::Tensor out = at::empty(out_sizes, anchors.options().memory_format(at::MemoryFormat::Contiguous));
+  poison_output(out);
   if (out.numel() == 0) return out;
   at::Tensor keep;
   const Temps temps = make_temps(temperature, anchors, keep);  // (T_x, T_y)
@@ -461,7 +462,7 @@ at::Tensor modulated_sine_query_cuda(const at::Tensor& anchors, const c10::optio
   args.F = static_cast<int>(num_feats);
   args.scale = scale;
   args.exchange_xy = true;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const int device = anchors.get_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "dabdetr_msq_cuda", [&] {
     using T = typename Native<scalar_t>::type;
@@ -478,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_sine_query_backward_cud
     double scale) {
   check_modulated_args_cuda(anchors, ref_wh, pos_scale, num_feats, temperature);
   check_grad_out(grad_out, anchors, "anchors", 2 * num_feats);
-  const c10::cuda::CUDAGuard guard(anchors.device());
+  const DeviceGuard guard(anchors.device());
   const bool has_ref = ref_wh.has_value();
   const bool has_ps = pos_scale.has_value();
   BwdArgs args{};
@@ -490,6 +491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_sine_query_backward_cud
   at::Tensor g_anchors = at::empty(anchors.sizes(), opts);
   at::Tensor g_ref = has_ref ? at::empty(ref_wh->sizes(), opts) : at::empty({0}, opts);
   at::Tensor g_ps = has_ps ? at::empty(pos_scale->sizes(), opts) : at::empty({0}, opts);
+  for (at::Tensor* t : {&g_anchors, &g_ref, &g_ps}) poison_output(*t);
   const int64_t rows = anchors.numel() / 4;
   if (rows == 0) return {g_anchors, g_ref, g_ps};
   at::Tensor keep;
@@ -500,7 +502,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_sine_query_backward_cud
   args.F = static_cast<int>(num_feats);
   args.scale = scale;
   args.exchange_xy = true;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const int device = anchors.get_device();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchors.scalar_type(), "dabdetr_msq_bwd_cuda", [&] {
     using T = typename Native<scalar_t>::type;
@@ -514,16 +516,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> modulated_sine_query_backward_cud
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dabdetr, CUDA, m) {
-  m.impl("sine_embed", &sine_embed_cuda);
-  m.impl("sine_embed_backward", &sine_embed_backward_cuda);
-  m.impl("modulated_sine_query", &modulated_sine_query_cuda);
-  m.impl("modulated_sine_query_backward", &modulated_sine_query_backward_cuda);
+DABDETR_CUDA_LIBRARY(m) {
+  DABDETR_CUDA_KERNEL(m, "sine_embed", &sine_embed_cuda);
+  DABDETR_CUDA_KERNEL(m, "sine_embed_backward", &sine_embed_backward_cuda);
+  DABDETR_CUDA_KERNEL(m, "modulated_sine_query", &modulated_sine_query_cuda);
+  DABDETR_CUDA_KERNEL(m, "modulated_sine_query_backward", &modulated_sine_query_backward_cuda);
 }
 
 }  // namespace cuda
 }  // namespace dabdetr
 
+#ifndef DABDETR_CUDA_EMULATION
 // Build marker: the CUDA architectures this library was compiled for (nvcc's __CUDA_ARCH_LIST__,
 // e.g. "800,900"). tests/test_cuda.py reads it through ctypes to know that the build included the
 // CUDA kernels, independently of the kernel registrations it then checks.
@@ -537,3 +540,4 @@ extern "C" __attribute__((visibility("default"))) const char* dabdetr_cuda_build
   return "cuda " DABDETR_STR(__CUDACC_VER_MAJOR__) "." DABDETR_STR(__CUDACC_VER_MINOR__);
 #endif
 }
+#endif  // DABDETR_CUDA_EMULATION

@@ -1,0 +1,413 @@
+// A CPU emulator of the CUDA execution model, for testing dabdetr's CUDA kernels without a GPU.
+//
+// csrc/emu/*_emu.cpp compile csrc/cuda/*.cu as C++ (g++, DABDETR_CUDA_EMULATION defined) with this
+// header first: every thread of a block is a fiber (ucontext) on one OS thread, and the blocks of a
+// grid run one after another. What it models:
+//  * __syncthreads(): a barrier of the block's threads that have not exited; a barrier reached by
+//    some threads while others wait at another one (divergent barriers) is reported as an error.
+//  * warp collectives (__shfl_xor_sync, __syncwarp, the WMMA load / store / mma calls): a barrier
+//    of the warp's 32 lanes (all must take part: a lane that exited makes it an error).
+//  * shared memory: a per-block buffer of exactly the launch's dynamic size, filled with 0xFF bytes
+//    (NaN in every floating type) before each block, so that reading what no thread wrote shows up
+//    in the results.
+//  * WMMA (nvcuda::wmma, m16n16k16, half / bfloat16 inputs, float accumulators): each lane holds
+//    the whole 16x16 tile (the real per-lane layout is opaque to the API); a product is computed
+//    an element per lane and shared through the warp, exact products summed in float, as tensor
+//    cores do up to the order of the sums; a store writes
+//    each element from one lane (element e from lane e % 32), so that another warp, or another lane
+//    of this warp, reading it before a barrier can see old values.
+//  * scheduling: between barriers the runnable threads run one at a time, in thread order, in
+//    reverse order, or in a seeded random order (set_schedule). A kernel without data races gives
+//    bitwise the same results under every order; a missing barrier usually does not.
+// Not modelled: the memory model beyond barriers, global-memory bounds, the hardware's math
+// intrinsics' exact errors (__sincosf, exp2f: the host's libm), performance, and anything about
+// the compiled device code (registers, spills, PTX): those need nvcc's reports and a GPU.
+#pragma once
+
+#ifndef DABDETR_CUDA_EMULATION
+#error "cuda_emu.h is for the CPU emulation build only"
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <math.h>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define __launch_bounds__(...)
+#ifndef __grid_constant__
+#define __grid_constant__
+#endif
+
+namespace cuemu {
+
+enum class Wait { kNone, kBlock, kWarp, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  uint3 tid;
+  int warp = 0;
+  Wait wait = Wait::kNone;
+  uint64_t generation = 0;  // barrier generation this fiber waits for
+};
+
+struct Schedule {
+  int mode = 0;  // 0: thread order, 1: reverse, 2: random
+  uint64_t seed = 0;
+};
+
+inline Schedule& schedule() {
+  static Schedule s;
+  return s;
+}
+
+struct Block {
+  uint3 bid;
+  dim3 bdim, gdim;
+  std::vector<Fiber> fibers;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  ucontext_t sched;
+  int current = -1;
+  int live = 0;
+  // block barrier
+  int block_arrived = 0;
+  uint64_t block_gen = 0;
+  // warp barriers
+  std::vector<int> warp_size, warp_arrived;
+  std::vector<uint64_t> warp_gen;
+  std::vector<std::array<unsigned char, 32 * 16>> exch;  // 32 lanes x up to 16 bytes
+  std::vector<std::array<float, 256>> mma;                // a WMMA product tile per warp
+  unsigned char* smem = nullptr;
+  std::function<void()> body;
+  std::string error;
+};
+
+inline Block*& current_block() {
+  static thread_local Block* b = nullptr;
+  return b;
+}
+inline Block& blk() { return *current_block(); }
+inline Fiber& self() {
+  Block& b = blk();
+  return b.fibers[b.current];
+}
+inline unsigned linear_tid() {
+  const Fiber& f = self();
+  const Block& b = blk();
+  return f.tid.x + b.bdim.x * (f.tid.y + b.bdim.y * f.tid.z);
+}
+
+[[noreturn]] inline void fail(const std::string& msg) {
+  Block& b = blk();
+  if (b.error.empty()) b.error = msg;
+  Fiber& f = self();
+  f.wait = Wait::kDone;  // parked for good; the launcher reports the error
+  swapcontext(&f.ctx, &b.sched);
+  std::abort();  // never resumed
+}
+
+inline void yield() {
+  Block& b = blk();
+  Fiber& f = self();
+  swapcontext(&f.ctx, &b.sched);
+}
+
+// Releases the block barrier when every live thread has arrived.
+inline void try_release_block(Block& b) {
+  if (b.block_arrived > 0 && b.block_arrived == b.live) {
+    for (auto& f : b.fibers)
+      if (f.wait == Wait::kBlock) f.wait = Wait::kNone;
+    b.block_arrived = 0;
+    ++b.block_gen;
+  }
+}
+
+inline void syncthreads() {
+  Block& b = blk();
+  Fiber& f = self();
+  f.wait = Wait::kBlock;
+  ++b.block_arrived;
+  try_release_block(b);
+  yield();
+}
+
+inline void syncwarp() {
+  Block& b = blk();
+  Fiber& f = self();
+  const int w = f.warp;
+  if (b.warp_size[w] != 32) fail("warp collective in a warp of " + std::to_string(b.warp_size[w]) + " threads");
+  f.wait = Wait::kWarp;
+  if (++b.warp_arrived[w] == 32) {
+    for (auto& g : b.fibers)
+      if (g.warp == w && g.wait == Wait::kWarp) g.wait = Wait::kNone;
+    b.warp_arrived[w] = 0;
+    ++b.warp_gen[w];
+  }
+  yield();
+}
+
+template <typename T>
+T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
+  static_assert(sizeof(T) <= 16, "shuffle of up to 16 bytes");
+  if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask is not emulated");
+  Block& b = blk();
+  const int w = self().warp;
+  const int lane = static_cast<int>(linear_tid() & 31u);
+  std::memcpy(&b.exch[w][lane * 16], &v, sizeof(T));
+  syncwarp();
+  int src = lane ^ lane_mask;
+  if ((src / width) != (lane / width)) src = lane;  // outside the lane's segment: its own value
+  T r;
+  std::memcpy(&r, &b.exch[w][src * 16], sizeof(T));
+  syncwarp();  // every lane has read before the buffer is reused
+  return r;
+}
+
+inline void fiber_entry() {
+  Block& b = blk();
+  b.body();
+  Fiber& f = self();
+  f.wait = Wait::kDone;
+  --b.live;
+  const int w = f.warp;
+  --b.warp_size[w];
+  if (b.warp_arrived[w] > 0) fail("a thread exited while its warp waited in a warp collective");
+  try_release_block(b);
+  // uc_link returns to the scheduler
+}
+
+inline std::vector<unsigned char>& smem_buffer() {
+  static thread_local std::vector<unsigned char> buf;
+  return buf;
+}
+
+inline unsigned char* dynamic_smem() { return blk().smem; }
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kGuardBytes = 256;  // after the dynamic shared memory, checked after each block
+constexpr unsigned char kGuardByte = 0xA5;
+
+// Runs one block to completion; throws std::runtime_error on an emulation error.
+inline void run_block(Block& b, std::mt19937_64& rng) {
+  const int n = static_cast<int>(b.bdim.x * b.bdim.y * b.bdim.z);
+  const int warps = (n + 31) / 32;
+  b.fibers.assign(n, Fiber{});
+  if (static_cast<int>(b.stacks.size()) < n) {
+    for (int i = static_cast<int>(b.stacks.size()); i < n; ++i) b.stacks.emplace_back(new char[kStackBytes]);
+  }
+  b.warp_size.assign(warps, 0);
+  b.warp_arrived.assign(warps, 0);
+  b.warp_gen.assign(warps, 0);
+  b.exch.assign(warps, {});
+  b.mma.assign(warps, {});
+  b.live = n;
+  b.block_arrived = 0;
+  b.error.clear();
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = b.fibers[i];
+    f.tid = make_uint3(i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y));
+    f.warp = i / 32;
+    ++b.warp_size[f.warp];
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = b.stacks[i].get();
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &b.sched;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  std::vector<int> order(n);
+  const int mode = schedule().mode;
+  for (;;) {
+    // one round: every runnable fiber runs until its next barrier (or exit)
+    order.clear();
+    for (int i = 0; i < n; ++i)
+      if (b.fibers[i].wait == Wait::kNone) order.push_back(i);
+    if (order.empty()) break;
+    if (mode == 1) std::reverse(order.begin(), order.end());
+    if (mode == 2) std::shuffle(order.begin(), order.end(), rng);
+    for (int i : order) {
+      if (b.fibers[i].wait != Wait::kNone) continue;
+      b.current = i;
+      swapcontext(&b.sched, &b.fibers[i].ctx);
+      if (!b.error.empty()) break;
+    }
+    if (!b.error.empty()) break;
+  }
+  b.current = -1;
+  if (!b.error.empty()) throw std::runtime_error("CUDA emulation: " + b.error);
+  if (b.live > 0) {
+    int at_block = 0, at_warp = 0;
+    for (auto& f : b.fibers) {
+      at_block += f.wait == Wait::kBlock;
+      at_warp += f.wait == Wait::kWarp;
+    }
+    throw std::runtime_error("CUDA emulation: deadlock in block (" + std::to_string(b.bid.x) + ", " +
+                             std::to_string(b.bid.y) + "): " + std::to_string(at_block) +
+                             " threads wait in __syncthreads, " + std::to_string(at_warp) +
+                             " in warp collectives, " + std::to_string(b.live) + " live");
+  }
+}
+
+// kernel<<<grid, block, smem>>>(args...): every block of the grid in turn (x fastest).
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
+  if (block.x * block.y * block.z == 0 || block.x * block.y * block.z > 1024)
+    throw std::runtime_error("CUDA emulation: invalid block size");
+  if (grid.y > 65535 || grid.z > 65535) throw std::runtime_error("CUDA emulation: grid.y / grid.z over 65535");
+  std::tuple<std::decay_t<KArgs>...> params(static_cast<std::decay_t<KArgs>>(args)...);  // by value, as CUDA
+  Block b;
+  b.bdim = block;
+  b.gdim = grid;
+  b.body = [&] { std::apply(kernel, params); };
+  std::vector<unsigned char>& buf = smem_buffer();
+  std::mt19937_64 rng(schedule().seed);
+  Block* saved = current_block();
+  current_block() = &b;
+  try {
+    for (unsigned z = 0; z < grid.z; ++z)
+      for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+          buf.assign(smem_bytes + kGuardBytes, 0xFF);  // poison: NaN in every floating type
+          std::memset(buf.data() + smem_bytes, kGuardByte, kGuardBytes);
+          b.smem = buf.data();
+          b.bid = make_uint3(x, y, z);
+          run_block(b, rng);
+          for (size_t i = smem_bytes; i < smem_bytes + kGuardBytes; ++i)
+            if (buf[i] != kGuardByte)
+              throw std::runtime_error("CUDA emulation: block (" + std::to_string(x) + ", " + std::to_string(y) +
+                                       ") wrote past the end of its " + std::to_string(smem_bytes) +
+                                       " bytes of dynamic shared memory");
+        }
+  } catch (...) {
+    current_block() = saved;
+    throw;
+  }
+  current_block() = saved;
+}
+
+inline void set_schedule(int mode, uint64_t seed) {
+  if (mode < 0 || mode > 2) throw std::invalid_argument("CUDA emulation: schedule mode is 0, 1 or 2");
+  schedule().mode = mode;
+  schedule().seed = seed;
+}
+
+// ------------------------------------------------------------------------------------------------
+// WMMA: m16n16k16, half / bfloat16 inputs, float accumulators
+
+inline float to_float(float x) { return x; }
+inline float to_float(__half x) { return __half2float(x); }
+inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+}  // namespace cuemu
+
+namespace nvcuda {
+namespace wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the emulation has m16n16k16 only");
+  static constexpr int num_elements = 256;  // whole tile (the real per-lane count is 8)
+  T x[256];                                 // row-major [row][col] of the logical tile
+};
+
+namespace detail {
+template <typename Layout>
+constexpr bool kRow = std::is_same_v<Layout, row_major>;
+}
+
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  static_assert(!std::is_same_v<Use, accumulator>, "accumulators load with a layout_t");
+  ::cuemu::syncwarp();
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = detail::kRow<Layout> ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
+                             layout_t layout) {
+  ::cuemu::syncwarp();
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  ::cuemu::syncwarp();
+  const unsigned lane = ::cuemu::linear_tid() & 31u;
+  for (unsigned e = lane; e < 256; e += 32) {
+    const unsigned r = e / 16, c = e % 16;
+    if (layout == mem_row_major)
+      p[r * ldm + c] = f.x[e];
+    else
+      p[c * ldm + r] = f.x[e];
+  }
+}
+
+template <typename T, typename V>
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, V v) {
+  for (auto& e : f.x) e = static_cast<T>(v);
+}
+
+template <typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  // Each lane computes the elements e = lane (mod 32) from its own fragments into the warp's tile,
+  // then every lane takes the whole tile (the work of one tensor-core product, spread over the warp).
+  ::cuemu::syncwarp();
+  float* tile = ::cuemu::blk().mma[::cuemu::self().warp].data();
+  const unsigned lane = ::cuemu::linear_tid() & 31u;
+  for (unsigned e = lane; e < 256; e += 32) {
+    const unsigned i = e / 16, j = e % 16;
+    float s = c.x[e];
+    for (int k = 0; k < 16; ++k) s += ::cuemu::to_float(a.x[i * 16 + k]) * ::cuemu::to_float(b.x[k * 16 + j]);
+    tile[e] = s;
+  }
+  ::cuemu::syncwarp();
+  std::memcpy(d.x, tile, sizeof(d.x));
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
+// ------------------------------------------------------------------------------------------------
+// built-in variables and device functions
+
+#define threadIdx (::cuemu::self().tid)
+#define blockIdx (::cuemu::blk().bid)
+#define blockDim (::cuemu::blk().bdim)
+#define gridDim (::cuemu::blk().gdim)
+
+inline void __syncthreads() { ::cuemu::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) ::cuemu::fail("__syncwarp with a partial mask is not emulated");
+  ::cuemu::syncwarp();
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return ::cuemu::shfl_xor(mask, v, lane_mask, width);
+}
+inline void __sincosf(float a, float* s, float* c) { ::sincosf(a, s, c); }
+inline float __expf(float x) { return ::expf(x); }
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}

@@ -1,0 +1,91 @@
+// Kernels with known defects, to show that the CUDA emulator (cuda_emu.h) catches what the tests of
+// the real kernels rely on it to catch: a missing __syncthreads (results change with the schedule),
+// a barrier half a warp skips for a shuffle (deadlock error), a warp collective after lanes exited (error), a write
+// past the dynamic shared memory (error) and reads of shared memory nobody wrote (NaN). Tests only.
+#define DABDETR_CUDA_EMULATION 1
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "../cuda/cuda_common.cuh"
+
+namespace {
+
+using dabdetr::cuda::launch_kernel;
+
+// Each thread writes s[t] = t + 1, then reads its neighbour's slot; with_barrier: a barrier between.
+__global__ void neighbour_kernel(float* out, bool with_barrier) {
+  DABDETR_DYNAMIC_SMEM(smem, 16);
+  float* s = reinterpret_cast<float*>(smem);
+  const int t = threadIdx.x, n = blockDim.x;
+  s[t] = static_cast<float>(t + 1);
+  if (with_barrier) __syncthreads();
+  out[blockIdx.x * n + t] = s[(t + 1) % n];
+}
+
+// Half of each warp waits in __syncthreads while the other half waits in a shuffle that needs the
+// whole warp: a deadlock (on a GPU, a hang).
+__global__ void divergent_barrier_kernel(float* out) {
+  float v = 1.0f;
+  if ((threadIdx.x & 31) < 16) {
+    __syncthreads();
+  } else {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  }
+  out[threadIdx.x] = v;
+}
+
+// The upper half of the block exits; the lower half's warp then shuffles with lanes that exited.
+__global__ void exited_lanes_shuffle_kernel(float* out) {
+  if (threadIdx.x >= 16) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
+
+// Writes one float past the end of `smem_bytes` of dynamic shared memory.
+__global__ void smem_overflow_kernel(float* out, int smem_floats) {
+  DABDETR_DYNAMIC_SMEM(smem, 16);
+  float* s = reinterpret_cast<float*>(smem);
+  if (threadIdx.x == 0) s[smem_floats] = 1.0f;
+  out[threadIdx.x] = 0.0f;
+}
+
+// Reads a shared-memory slot no thread wrote.
+__global__ void unwritten_smem_kernel(float* out) {
+  DABDETR_DYNAMIC_SMEM(smem, 16);
+  const float* s = reinterpret_cast<const float*>(smem);
+  out[threadIdx.x] = s[threadIdx.x];
+}
+
+// kind: 0 neighbour without barrier, 1 neighbour with barrier, 2 divergent barrier, 3 shuffle after
+// exited lanes, 4 shared-memory overflow, 5 unwritten shared memory. Returns the kernel's output.
+at::Tensor selftest(int64_t kind, int64_t threads, int64_t blocks) {
+  at::Tensor out = at::empty({blocks * threads}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.mutable_data_ptr<float>();
+  const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(threads));
+  const size_t smem = static_cast<size_t>(threads) * sizeof(float);
+  switch (kind) {
+    case 0:
+    case 1:
+      launch_kernel(neighbour_kernel, grid, block, smem, nullptr, o, kind == 1);
+      break;
+    case 2:
+      launch_kernel(divergent_barrier_kernel, grid, block, 0, nullptr, o);
+      break;
+    case 3:
+      launch_kernel(exited_lanes_shuffle_kernel, grid, block, 0, nullptr, o);
+      break;
+    case 4:
+      launch_kernel(smem_overflow_kernel, grid, block, smem, nullptr, o, static_cast<int>(threads));
+      break;
+    case 5:
+      launch_kernel(unwritten_smem_kernel, grid, block, smem, nullptr, o);
+      break;
+    default:
+      TORCH_CHECK(false, "selftest: unknown kind ", kind);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dabdetr_cuda_emu, m) { m.def("selftest", &selftest); }
