@@ -219,6 +219,18 @@ def test_emulated_attention_ignores_padded_key_contents(emu, dtype, gen, seed):
         assert torch.all(g1[k][mask] == 0), f"padded keys get a non-zero grad of {k} [seed={seed}]"
 
 
+@pytest.mark.parametrize("dims,message", [
+    ((65, 8, 8), "'q_content' / 'k_content' have Dc = 65"),
+    ((8, 80, 8), "'q_pos' / 'k_pos' have Dp = 80"),
+    ((8, 8, 70), "'value' has Dv = 70"),
+])
+def test_emulated_attention_rejects_head_dims_over_64(emu, dims, message, gen):
+    """The CUDA host code's own limit (head dims up to 64 each), with the argument named."""
+    inputs = make_attention_inputs(gen, "cpu", torch.float32, 1, 3, 5, 1, *dims)
+    with pytest.raises(RuntimeError, match=message.replace("(", r"\(")):
+        emu.content_position_attention(*inputs.values(), 0.1)
+
+
 def _run_all(fn):
     """fn() -> tensors; returns them as a list (for bitwise comparison across schedules)."""
     out = fn()

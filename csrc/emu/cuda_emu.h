@@ -7,9 +7,9 @@
 //    some threads while others wait at another one (divergent barriers) is reported as an error.
 //  * warp collectives (__shfl_xor_sync, __syncwarp, the WMMA load / store / mma calls): a barrier
 //    of the warp's 32 lanes (all must take part: a lane that exited makes it an error).
-//  * shared memory: a per-block buffer of exactly the launch's dynamic size, filled with 0xFF bytes
-//    (NaN in every floating type) before each block, so that reading what no thread wrote shows up
-//    in the results.
+//  * shared memory: a per-block buffer of the launch's dynamic size, filled with 0xFF bytes (NaN in
+//    every floating type) before each block, so that reading what no thread wrote shows up in the
+//    results; 256 more such bytes after it, which a block must leave as they are.
 //  * WMMA (nvcuda::wmma, m16n16k16, half / bfloat16 inputs, float accumulators): each lane holds
 //    the whole 16x16 tile (the real per-lane layout is opaque to the API); a product is computed
 //    an element per lane and shared through the warp, exact products summed in float, as tensor
@@ -199,8 +199,10 @@ inline std::vector<unsigned char>& smem_buffer() {
 inline unsigned char* dynamic_smem() { return blk().smem; }
 
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr size_t kGuardBytes = 256;  // after the dynamic shared memory, checked after each block
-constexpr unsigned char kGuardByte = 0xA5;
+// After the dynamic shared memory: 0xFF bytes too (a read past the end gives NaN), checked after
+// each block (a write past the end is an error unless it wrote all-ones bytes).
+constexpr size_t kGuardBytes = 256;
+constexpr unsigned char kGuardByte = 0xFF;
 
 // Runs one block to completion; throws std::runtime_error on an emulation error.
 inline void run_block(Block& b, std::mt19937_64& rng) {
@@ -281,8 +283,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
     for (unsigned z = 0; z < grid.z; ++z)
       for (unsigned y = 0; y < grid.y; ++y)
         for (unsigned x = 0; x < grid.x; ++x) {
-          buf.assign(smem_bytes + kGuardBytes, 0xFF);  // poison: NaN in every floating type
-          std::memset(buf.data() + smem_bytes, kGuardByte, kGuardBytes);
+          buf.assign(smem_bytes + kGuardBytes, kGuardByte);  // poison: NaN in every floating type
           b.smem = buf.data();
           b.bid = make_uint3(x, y, z);
           run_block(b, rng);
