@@ -7,8 +7,8 @@ grid-stride loops (the emulated device has 2 SMs). Then what only a parallel mac
 each kernel's results are bitwise the same whether the threads between two barriers run in thread
 order, in reverse or in a random order (a missing __syncthreads / __syncwarp shows up as a
 difference), shared memory nobody wrote reads as NaN, outputs start as NaN (a row the kernel
-forgets shows up), and a write past the dynamic shared memory, a deadlock or a warp collective with
-exited lanes is an error. The last tests check that the emulator does catch those defects.
+forgets shows up), and a write past the dynamic shared memory, a deadlock, a warp collective with
+exited lanes or a misaligned WMMA / vector access is an error. The last tests check that the emulator does catch those defects.
 ``python tests/cuda_emu.py --asan`` (part of `make test`) runs this file again with the kernels
 under AddressSanitizer: any access outside a tensor's memory is an error with its source line.
 
@@ -366,6 +366,8 @@ def test_emulator_detects_a_missing_barrier(emu):
     (2, "deadlock"),
     (3, "exited while its warp waited"),
     (4, "wrote past the end"),
+    (6, "wmma::load_matrix_sync: address not aligned to 32 bytes"),
+    (7, "vector access: address not aligned to 16 bytes"),
 ])
 def test_emulator_reports_errors(emu, kind, message):
     with pytest.raises(RuntimeError, match=message):

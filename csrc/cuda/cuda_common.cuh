@@ -164,6 +164,8 @@ inline at::Tensor make_device_indexer(const at::Tensor& t, DeviceRowIndexer& idx
 #ifdef DABDETR_CUDA_EMULATION
 // The kernels' dynamic shared memory: the emulator's per-block buffer.
 #define DABDETR_DYNAMIC_SMEM(name, align) unsigned char* name = ::cuemu::dynamic_smem()
+// A vector access of `bytes` bytes at `ptr` must be aligned to them (the emulator checks).
+#define DABDETR_CHECK_ALIGNED(ptr, bytes) ::cuemu::check_aligned(ptr, bytes, "vector access")
 #define C10_CUDA_CHECK(expr) ((void)0)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
 // The emulated ops are registered as CPU ops of their own namespace (schemas inferred from the
@@ -176,6 +178,7 @@ struct DeviceGuard {
 inline cudaStream_t current_stream() { return nullptr; }
 #else
 #define DABDETR_DYNAMIC_SMEM(name, align) extern __shared__ __align__(align) unsigned char name[]
+#define DABDETR_CHECK_ALIGNED(ptr, bytes) ((void)0)
 #define DABDETR_CUDA_LIBRARY(m) TORCH_LIBRARY_IMPL(dabdetr, CUDA, m)
 #define DABDETR_CUDA_KERNEL(m, name, fn) m.impl(name, fn)
 using DeviceGuard = c10::cuda::CUDAGuard;

@@ -80,6 +80,7 @@ template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* dst, const T (&v)[N]) {
   constexpr int kBytes = N * static_cast<int>(sizeof(T));
   static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "vector store of 4, 8 or 16 bytes");
+  DABDETR_CHECK_ALIGNED(dst, kBytes);
   if constexpr (kBytes == 16) {
     uint4 u;
     memcpy(&u, v, 16);

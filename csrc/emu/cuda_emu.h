@@ -15,7 +15,8 @@
 //    an element per lane and shared through the warp, exact products summed in float, as tensor
 //    cores do up to the order of the sums; a store writes
 //    each element from one lane (element e from lane e % 32), so that another warp, or another lane
-//    of this warp, reading it before a barrier can see old values.
+//    of this warp, reading it before a barrier can see old values; pointers must be 32-byte aligned
+//    and leading dimensions multiples of 16 bytes, as on the hardware.
 //  * scheduling: between barriers the runnable threads run one at a time, in thread order, in
 //    reverse order, or in a seeded random order (set_schedule). A kernel without data races gives
 //    bitwise the same results under every order; a missing barrier usually does not.
@@ -178,6 +179,13 @@ T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
   return r;
 }
 
+// The hardware's alignment rules for vector and matrix accesses (a violation is a "misaligned
+// address" fault or undefined results on a GPU).
+inline void check_aligned(const void* p, size_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0)
+    fail(std::string(what) + ": address not aligned to " + std::to_string(bytes) + " bytes");
+}
+
 inline void fiber_entry() {
   Block& b = blk();
   b.body();
@@ -202,6 +210,7 @@ constexpr size_t kStackBytes = 256 * 1024;
 // After the dynamic shared memory: 0xFF bytes too (a read past the end gives NaN), checked after
 // each block (a write past the end is an error unless it wrote all-ones bytes).
 constexpr size_t kGuardBytes = 256;
+constexpr size_t kSmemAlign = 128;
 constexpr unsigned char kGuardByte = 0xFF;
 
 // Runs one block to completion; throws std::runtime_error on an emulation error.
@@ -283,12 +292,14 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
     for (unsigned z = 0; z < grid.z; ++z)
       for (unsigned y = 0; y < grid.y; ++y)
         for (unsigned x = 0; x < grid.x; ++x) {
-          buf.assign(smem_bytes + kGuardBytes, kGuardByte);  // poison: NaN in every floating type
-          b.smem = buf.data();
+          // poison: NaN in every floating type; the base 128-byte aligned (as __align__(128) asks)
+          buf.assign(smem_bytes + kGuardBytes + kSmemAlign, kGuardByte);
+          const size_t shift = (kSmemAlign - reinterpret_cast<uintptr_t>(buf.data()) % kSmemAlign) % kSmemAlign;
+          b.smem = buf.data() + shift;
           b.bid = make_uint3(x, y, z);
           run_block(b, rng);
           for (size_t i = smem_bytes; i < smem_bytes + kGuardBytes; ++i)
-            if (buf[i] != kGuardByte)
+            if (b.smem[i] != kGuardByte)
               throw std::runtime_error("CUDA emulation: block (" + std::to_string(x) + ", " + std::to_string(y) +
                                        ") wrote past the end of its " + std::to_string(smem_bytes) +
                                        " bytes of dynamic shared memory");
@@ -336,9 +347,19 @@ template <typename Layout>
 constexpr bool kRow = std::is_same_v<Layout, row_major>;
 }
 
+namespace detail {
+// WMMA's rules: a 256-bit aligned pointer, a leading dimension of a multiple of 16 bytes.
+template <typename T>
+inline void check(const T* p, unsigned ldm, const char* what) {
+  ::cuemu::check_aligned(p, 32, what);
+  if ((ldm * sizeof(T)) % 16 != 0) ::cuemu::fail(std::string(what) + ": ldm is not a multiple of 16 bytes");
+}
+}  // namespace detail
+
 template <typename Use, typename T, typename Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(!std::is_same_v<Use, accumulator>, "accumulators load with a layout_t");
+  detail::check(p, ldm, "wmma::load_matrix_sync");
   ::cuemu::syncwarp();
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = detail::kRow<Layout> ? p[r * ldm + c] : p[c * ldm + r];
@@ -346,6 +367,7 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
                              layout_t layout) {
+  detail::check(p, ldm, "wmma::load_matrix_sync");
   ::cuemu::syncwarp();
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
@@ -353,6 +375,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
+  detail::check(p, ldm, "wmma::store_matrix_sync");
   ::cuemu::syncwarp();
   const unsigned lane = ::cuemu::linear_tid() & 31u;
   for (unsigned e = lane; e < 256; e += 32) {

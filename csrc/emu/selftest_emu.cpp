@@ -1,7 +1,8 @@
 // Kernels with known defects, to show that the CUDA emulator (cuda_emu.h) catches what the tests of
 // the real kernels rely on it to catch: a missing __syncthreads (results change with the schedule),
-// a barrier half a warp skips for a shuffle (deadlock error), a warp collective after lanes exited (error), a write
-// past the dynamic shared memory (error) and reads of shared memory nobody wrote (NaN). Tests only.
+// a barrier half a warp skips for a shuffle (deadlock error), a warp collective after lanes exited
+// (error), a write past the dynamic shared memory (error), reads of shared memory nobody wrote (NaN)
+// and misaligned WMMA / vector accesses (error). Tests only.
 #define DABDETR_CUDA_EMULATION 1
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -56,8 +57,26 @@ __global__ void unwritten_smem_kernel(float* out) {
   out[threadIdx.x] = s[threadIdx.x];
 }
 
+// A WMMA load from shared memory 16 bytes past a 32-byte boundary (WMMA needs 256-bit alignment).
+__global__ void misaligned_wmma_kernel(float* out) {
+  DABDETR_DYNAMIC_SMEM(smem, 128);
+  const __half* tile = reinterpret_cast<const __half*>(smem + 16);
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> a;
+  nvcuda::wmma::load_matrix_sync(a, tile, 16);
+  out[threadIdx.x] = 0.0f;
+}
+
+// A 16-byte vector store to a 4-byte aligned address.
+__global__ void misaligned_vector_kernel(float* out) {
+  if (threadIdx.x == 0) {
+    DABDETR_CHECK_ALIGNED(out + 1, 16);
+  }
+  out[threadIdx.x] = 0.0f;
+}
+
 // kind: 0 neighbour without barrier, 1 neighbour with barrier, 2 divergent barrier, 3 shuffle after
-// exited lanes, 4 shared-memory overflow, 5 unwritten shared memory. Returns the kernel's output.
+// exited lanes, 4 shared-memory overflow, 5 unwritten shared memory, 6 misaligned WMMA load, 7
+// misaligned vector store. Returns the kernel's output.
 at::Tensor selftest(int64_t kind, int64_t threads, int64_t blocks) {
   at::Tensor out = at::empty({blocks * threads}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
@@ -79,6 +98,12 @@ at::Tensor selftest(int64_t kind, int64_t threads, int64_t blocks) {
       break;
     case 5:
       launch_kernel(unwritten_smem_kernel, grid, block, smem, nullptr, o);
+      break;
+    case 6:
+      launch_kernel(misaligned_wmma_kernel, grid, block, 1024, nullptr, o);
+      break;
+    case 7:
+      launch_kernel(misaligned_vector_kernel, grid, block, 0, nullptr, o);
       break;
     default:
       TORCH_CHECK(false, "selftest: unknown kind ", kind);
