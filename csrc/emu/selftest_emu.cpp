@@ -82,31 +82,25 @@ at::Tensor selftest(int64_t kind, int64_t threads, int64_t blocks) {
   float* o = out.mutable_data_ptr<float>();
   const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(threads));
   const size_t smem = static_cast<size_t>(threads) * sizeof(float);
-  switch (kind) {
-    case 0:
-    case 1:
-      launch_kernel(neighbour_kernel, grid, block, smem, nullptr, o, kind == 1);
-      break;
-    case 2:
-      launch_kernel(divergent_barrier_kernel, grid, block, 0, nullptr, o);
-      break;
-    case 3:
-      launch_kernel(exited_lanes_shuffle_kernel, grid, block, 0, nullptr, o);
-      break;
-    case 4:
-      launch_kernel(smem_overflow_kernel, grid, block, smem, nullptr, o, static_cast<int>(threads));
-      break;
-    case 5:
-      launch_kernel(unwritten_smem_kernel, grid, block, smem, nullptr, o);
-      break;
-    case 6:
-      launch_kernel(misaligned_wmma_kernel, grid, block, 1024, nullptr, o);
-      break;
-    case 7:
-      launch_kernel(misaligned_vector_kernel, grid, block, 0, nullptr, o);
-      break;
-    default:
-      TORCH_CHECK(false, "selftest: unknown kind ", kind);
+  if (kind == 0 || kind == 1) {
+    launch_kernel(neighbour_kernel, grid, block, smem, nullptr, o, kind == 1);
+  } else if (kind == 4) {
+    launch_kernel(smem_overflow_kernel, grid, block, smem, nullptr, o, static_cast<int>(threads));
+  } else {
+    // kernels taking only the output: {kind, kernel, dynamic shared memory}
+    struct Simple {
+      int64_t kind;
+      void (*kernel)(float*);
+      size_t smem;
+    };
+    const Simple simple[] = {{2, divergent_barrier_kernel, 0}, {3, exited_lanes_shuffle_kernel, 0},
+                             {5, unwritten_smem_kernel, smem}, {6, misaligned_wmma_kernel, 1024},
+                             {7, misaligned_vector_kernel, 0}};
+    const Simple* hit = nullptr;
+    for (const Simple& e : simple)
+      if (e.kind == kind) hit = &e;
+    TORCH_CHECK(hit != nullptr, "selftest: unknown kind ", kind);
+    launch_kernel(hit->kernel, grid, block, hit->smem, nullptr, o);
   }
   return out;
 }
