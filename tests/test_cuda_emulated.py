@@ -12,9 +12,10 @@ exited lanes or a misaligned WMMA / vector access is an error. The last tests ch
 ``python tests/cuda_emu.py --asan`` (part of `make test`) runs this file again with the kernels
 under AddressSanitizer: any access outside a tensor's memory is an error with its source line.
 
-What this cannot check: the compiled device code (registers, spills, PTX: see
-benchmarks/cuda_resource_report.py), the hardware's math intrinsics' exact errors, the memory
-model beyond barriers, global-memory bounds and speed. Those need a GPU (benchmarks/gpu_check.sh).
+The device math functions (exp2f, log2f, __sincosf) carry errors within CUDA's documented bounds
+(cuda_emu.h), so the tolerances hold for the hardware's error budget. What this cannot check: the
+compiled device code (registers, spills, PTX: see benchmarks/cuda_resource_report.py), the memory
+model beyond barriers, and speed. Those need a GPU (benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations

@@ -20,9 +20,11 @@
 //  * scheduling: between barriers the runnable threads run one at a time, in thread order, in
 //    reverse order, or in a seeded random order (set_schedule). A kernel without data races gives
 //    bitwise the same results under every order; a missing barrier usually does not.
-// Not modelled: the memory model beyond barriers, global-memory bounds, the hardware's math
-// intrinsics' exact errors (__sincosf, exp2f: the host's libm), performance, and anything about
-// the compiled device code (registers, spills, PTX): those need nvcc's reports and a GPU.
+//  * alignment: WMMA pointers and leading dims, vector stores (DABDETR_CHECK_ALIGNED).
+//  * device math: exp2f, log2f, __sincosf with errors within CUDA's documented bounds.
+// Not modelled: the memory model beyond barriers, global-memory bounds (tests/cuda_emu.py --asan
+// runs the kernels under AddressSanitizer for those), performance, and anything about the compiled
+// device code (registers, spills, PTX): those need nvcc's reports and a GPU.
 #pragma once
 
 #ifndef DABDETR_CUDA_EMULATION
@@ -429,9 +431,49 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return ::cuemu::shfl_xor(mask, v, lane_mask, width);
 }
-inline void __sincosf(float a, float* s, float* c) { ::sincosf(a, s, c); }
+// The device math functions the kernels use, with the errors CUDA documents for them (CUDA C
+// Programming Guide, "Mathematical Functions") rather than the host's: each result is moved by a
+// pseudo-random amount within the documented bound (a function of the input's bits, so results stay
+// deterministic), so that the tests' tolerances are checked against the hardware's error budget.
+// Exact cases stay exact (0, +-inf, NaN results; exp2f(0) = 1, log2f(1) = 0).
+namespace cuemu {
+inline uint32_t mix(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u ^= u >> 16;
+  u *= 0x7feb352dU;
+  u ^= u >> 15;
+  u *= 0x846ca68bU;
+  return u ^ (u >> 16);
+}
+// r moved by k ulps, k in [-max_ulps, max_ulps] chosen by x
+inline float ulp_jitter(float r, float x, int max_ulps) {
+  if (r == 0.0f || !std::isfinite(r)) return r;
+  const int k = static_cast<int>(mix(x) % static_cast<uint32_t>(2 * max_ulps + 1)) - max_ulps;
+  const float toward = k > 0 ? INFINITY : -INFINITY;
+  for (int i = 0; i < (k > 0 ? k : -k); ++i) r = std::nextafter(r, toward);
+  return r;
+}
+inline float dev_exp2f(float x) { return x == 0.0f ? 1.0f : ulp_jitter(::exp2f(x), x, 2); }  // 2 ulp
+inline float dev_log2f(float x) { return x == 1.0f ? 0.0f : ulp_jitter(::log2f(x), x, 1); }  // 1 ulp
+// __sincosf (MUFU): absolute error up to 2^-21.41 for x in [-pi, pi] (the kernels reduce to it)
+inline void dev_fast_sincosf(float a, float* s, float* c) {
+  const double bound = 1.0 / 2786876.0;  // 2^-21.41
+  const uint32_t h = mix(a);
+  const double es = bound * (static_cast<double>(h & 0xffffu) / 32767.5 - 1.0);
+  const double ec = bound * (static_cast<double>(h >> 16) / 32767.5 - 1.0);
+  *s = static_cast<float>(std::sin(static_cast<double>(a)) + es);
+  *c = static_cast<float>(std::cos(static_cast<double>(a)) + ec);
+}
+}  // namespace cuemu
+
+inline void __sincosf(float a, float* s, float* c) { ::cuemu::dev_fast_sincosf(a, s, c); }
 inline float __expf(float x) { return ::expf(x); }
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
+
+// After every header: the kernels' exp2f / log2f calls take the device error model above.
+#define exp2f(x) ::cuemu::dev_exp2f(x)
+#define log2f(x) ::cuemu::dev_log2f(x)
