@@ -20,7 +20,9 @@ model beyond barriers, and speed. Those need a GPU (benchmarks/gpu_check.sh).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -344,6 +346,60 @@ def test_emulated_sine_kernels_are_race_free(emu, dtype, gen, seed):
         )
 
     _assert_schedule_independent(emu, run, f"sine kernels {dtype}", seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA kernels inside the model: parity with the original implementation
+
+KERNEL_OPS = ("sine_embed", "sine_embed_backward", "modulated_sine_query", "modulated_sine_query_backward",
+              "content_position_attention", "content_position_attention_backward")
+
+
+@contextlib.contextmanager
+def cuda_kernels_as_cpu_kernels(E):
+    """Within the block, the dabdetr:: ops' CPU kernels are the emulated CUDA kernels (same
+    arguments: they are the functions registered for dabdetr::CUDA), so ``backend="cpu"`` runs the
+    CUDA kernels on CPU tensors through the ops' real dispatch and autograd; the C++ kernels are back
+    afterwards."""
+    lib = torch.library.Library("dabdetr", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            for name in KERNEL_OPS:
+                op = getattr(E, name)
+                lib.impl(name, (lambda f: lambda *args: f(*args))(op), "CPU")
+        yield
+    finally:
+        lib._destroy()
+
+
+def test_model_matches_the_original_with_emulated_cuda_kernels(emu):
+    """The fixture model (../shared/fixtures, the original code's outputs, losses and gradients) with
+    every fused op on the CUDA kernels: eval outputs, matcher, every loss, every gradient (the
+    decoder's cross-attention, the sine embeddings, the CPU self-attentions on the attention op, as
+    the model calls them: strided column slices of the batched key-side projections, masks)."""
+    import test_model_parity as parity
+    from conftest_model import load_fixture
+
+    d = load_fixture()
+    x = torch.rand(5, 4)
+    before = torch.ops.dabdetr.sine_embed(x, 64, [1e4] * 4, 2 * math.pi, True)
+
+    with cuda_kernels_as_cpu_kernels(emu):
+        assert not torch.equal(torch.ops.dabdetr.sine_embed(x, 64, [1e4] * 4, 2 * math.pi, True), before), \
+            "the override did not take: the C++ kernel ran"
+        model = parity._model("cpu")
+        with torch.no_grad():
+            out = model(d["inputs"]["images"], d["inputs"]["mask"])
+        ref = d["outputs"]
+        parity._assert_close("pred_logits", out["pred_logits"], ref["pred_logits"])
+        parity._assert_close("pred_boxes", out["pred_boxes"], ref["pred_boxes"])
+        for i, (a, r) in enumerate(zip(out["aux_outputs"], ref["aux_outputs"])):
+            parity._assert_close(f"aux{i}.pred_logits", a["pred_logits"], r["pred_logits"])
+            parity._assert_close(f"aux{i}.pred_boxes", a["pred_boxes"], r["pred_boxes"])
+        parity.test_losses_matcher_and_gradients("cpu")
+    assert torch.equal(torch.ops.dabdetr.sine_embed(x, 64, [1e4] * 4, 2 * math.pi, True), before), \
+        "the C++ kernel is not back after the override"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 // A CPU emulator of the CUDA execution model, for testing dabdetr's CUDA kernels without a GPU.
 //
 // csrc/emu/*_emu.cpp compile csrc/cuda/*.cu as C++ (g++, DABDETR_CUDA_EMULATION defined) with this
-// header first: every thread of a block is a fiber (ucontext) on one OS thread, and the blocks of a
+// header first: every thread of a block is a fiber on one OS thread, and the blocks of a
 // grid run one after another. What it models:
 //  * __syncthreads(): a barrier of the block's threads that have not exited; a barrier reached by
 //    some threads while others wait at another one (divergent barriers) is reported as an error.
@@ -57,16 +57,86 @@
 #define __grid_constant__
 #endif
 
+// Fiber context switch. On x86-64: a few instructions (callee-saved registers and the stack
+// pointer; swapcontext also saves the signal mask, a system call per switch, ~10x slower). Under
+// AddressSanitizer and elsewhere: ucontext, which ASan knows about.
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define DABDETR_CUEMU_ASM_SWITCH 1
+// dabdetr_cuemu_switch(save, to): pushes the callee-saved registers, stores the stack pointer in
+// *save, loads `to` and pops the registers saved there. A COMDAT section: every translation unit
+// that includes this header has a copy; the linker keeps one.
+asm(R"(
+  .pushsection .text.dabdetr_cuemu_switch,"axG",@progbits,dabdetr_cuemu_switch,comdat
+  .globl dabdetr_cuemu_switch
+  .hidden dabdetr_cuemu_switch
+  .type dabdetr_cuemu_switch, @function
+dabdetr_cuemu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size dabdetr_cuemu_switch, .-dabdetr_cuemu_switch
+  .popsection
+)");
+extern "C" __attribute__((visibility("hidden"))) void dabdetr_cuemu_switch(void** save, void* to);
+#endif
+
 namespace cuemu {
+
+struct Context {
+#ifdef DABDETR_CUEMU_ASM_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+inline void context_switch(Context& from, Context& to) {
+#ifdef DABDETR_CUEMU_ASM_SWITCH
+  dabdetr_cuemu_switch(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+}
+
+// A context that starts `entry` (which must never return) on the given stack.
+inline void context_init(Context& c, char* stack, size_t size, void (*entry)()) {
+#ifdef DABDETR_CUEMU_ASM_SWITCH
+  // The first switch pops six zero registers and "returns" into entry with the stack pointer at
+  // 8 mod 16, as after a call.
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t(15);
+  void** slot = reinterpret_cast<void**>(top - 16);
+  *slot = reinterpret_cast<void*>(entry);
+  void** sp = slot - 6;
+  for (int i = 0; i < 6; ++i) sp[i] = nullptr;
+  c.sp = sp;
+#else
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+#endif
+}
 
 enum class Wait { kNone, kBlock, kWarp, kDone };
 
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   uint3 tid;
   int warp = 0;
   Wait wait = Wait::kNone;
-  uint64_t generation = 0;  // barrier generation this fiber waits for
 };
 
 struct Schedule {
@@ -83,16 +153,11 @@ struct Block {
   uint3 bid;
   dim3 bdim, gdim;
   std::vector<Fiber> fibers;
-  std::vector<std::unique_ptr<char[]>> stacks;
-  ucontext_t sched;
+  Context sched;
   int current = -1;
   int live = 0;
-  // block barrier
-  int block_arrived = 0;
-  uint64_t block_gen = 0;
-  // warp barriers
-  std::vector<int> warp_size, warp_arrived;
-  std::vector<uint64_t> warp_gen;
+  int block_arrived = 0;                    // threads waiting in __syncthreads
+  std::vector<int> warp_size, warp_arrived;  // per warp: live lanes, lanes waiting in a collective
   std::vector<std::array<unsigned char, 32 * 16>> exch;  // 32 lanes x up to 16 bytes
   std::vector<std::array<float, 256>> mma;                // a WMMA product tile per warp
   unsigned char* smem = nullptr;
@@ -120,14 +185,14 @@ inline unsigned linear_tid() {
   if (b.error.empty()) b.error = msg;
   Fiber& f = self();
   f.wait = Wait::kDone;  // parked for good; the launcher reports the error
-  swapcontext(&f.ctx, &b.sched);
+  context_switch(f.ctx, b.sched);
   std::abort();  // never resumed
 }
 
 inline void yield() {
   Block& b = blk();
   Fiber& f = self();
-  swapcontext(&f.ctx, &b.sched);
+  context_switch(f.ctx, b.sched);
 }
 
 // Releases the block barrier when every live thread has arrived.
@@ -136,7 +201,6 @@ inline void try_release_block(Block& b) {
     for (auto& f : b.fibers)
       if (f.wait == Wait::kBlock) f.wait = Wait::kNone;
     b.block_arrived = 0;
-    ++b.block_gen;
   }
 }
 
@@ -159,7 +223,6 @@ inline void syncwarp() {
     for (auto& g : b.fibers)
       if (g.warp == w && g.wait == Wait::kWarp) g.wait = Wait::kNone;
     b.warp_arrived[w] = 0;
-    ++b.warp_gen[w];
   }
   yield();
 }
@@ -198,7 +261,15 @@ inline void fiber_entry() {
   --b.warp_size[w];
   if (b.warp_arrived[w] > 0) fail("a thread exited while its warp waited in a warp collective");
   try_release_block(b);
-  // uc_link returns to the scheduler
+  context_switch(f.ctx, b.sched);  // for good (a fiber's entry must not return)
+  std::abort();
+}
+
+// Fiber stacks, kept for the next launches (allocating them anew each launch costs more than most
+// test kernels).
+inline std::vector<std::unique_ptr<char[]>>& stack_pool() {
+  static thread_local std::vector<std::unique_ptr<char[]>> pool;
+  return pool;
 }
 
 inline std::vector<unsigned char>& smem_buffer() {
@@ -220,12 +291,10 @@ inline void run_block(Block& b, std::mt19937_64& rng) {
   const int n = static_cast<int>(b.bdim.x * b.bdim.y * b.bdim.z);
   const int warps = (n + 31) / 32;
   b.fibers.assign(n, Fiber{});
-  if (static_cast<int>(b.stacks.size()) < n) {
-    for (int i = static_cast<int>(b.stacks.size()); i < n; ++i) b.stacks.emplace_back(new char[kStackBytes]);
-  }
+  auto& stacks = stack_pool();
+  while (static_cast<int>(stacks.size()) < n) stacks.emplace_back(new char[kStackBytes]);
   b.warp_size.assign(warps, 0);
   b.warp_arrived.assign(warps, 0);
-  b.warp_gen.assign(warps, 0);
   b.exch.assign(warps, {});
   b.mma.assign(warps, {});
   b.live = n;
@@ -236,11 +305,7 @@ inline void run_block(Block& b, std::mt19937_64& rng) {
     f.tid = make_uint3(i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y));
     f.warp = i / 32;
     ++b.warp_size[f.warp];
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = b.stacks[i].get();
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &b.sched;
-    makecontext(&f.ctx, fiber_entry, 0);
+    context_init(f.ctx, stacks[i].get(), kStackBytes, fiber_entry);
   }
   std::vector<int> order(n);
   const int mode = schedule().mode;
@@ -255,7 +320,7 @@ inline void run_block(Block& b, std::mt19937_64& rng) {
     for (int i : order) {
       if (b.fibers[i].wait != Wait::kNone) continue;
       b.current = i;
-      swapcontext(&b.sched, &b.fibers[i].ctx);
+      context_switch(b.sched, b.fibers[i].ctx);
       if (!b.error.empty()) break;
     }
     if (!b.error.empty()) break;
