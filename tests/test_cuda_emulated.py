@@ -378,6 +378,9 @@ def test_model_matches_the_original_with_emulated_cuda_kernels(emu):
     every fused op on the CUDA kernels: eval outputs, matcher, every loss, every gradient (the
     decoder's cross-attention, the sine embeddings, the CPU self-attentions on the attention op, as
     the model calls them: strided column slices of the batched key-side projections, masks)."""
+    if cuda_emu.asan():
+        pytest.skip("runs in the main suite (its kernels' memory accesses are the cases above; under "
+                    "AddressSanitizer, without the fast fiber switch, it takes minutes)")
     import test_model_parity as parity
     from conftest_model import load_fixture
 
