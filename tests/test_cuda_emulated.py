@@ -428,10 +428,15 @@ def test_emulator_detects_a_missing_barrier(emu):
     (4, "wrote past the end"),
     (6, "wmma::load_matrix_sync: address not aligned to 32 bytes"),
     (7, "vector access: address not aligned to 16 bytes"),
+    (8, "asks for 65536 bytes of dynamic shared memory, the kernel allows 49152"),
 ])
 def test_emulator_reports_errors(emu, kind, message):
     with pytest.raises(RuntimeError, match=message):
         emu.selftest(kind, 64, 1)
+
+
+def test_emulator_allows_large_shared_memory_after_opting_in(emu):
+    assert torch.all(emu.selftest(9, 64, 1) == 2.0)
 
 
 def test_emulator_poisons_shared_memory(emu):

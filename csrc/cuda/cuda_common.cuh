@@ -166,7 +166,11 @@ inline at::Tensor make_device_indexer(const at::Tensor& t, DeviceRowIndexer& idx
 #define DABDETR_DYNAMIC_SMEM(name, align) unsigned char* name = ::cuemu::dynamic_smem()
 // A vector access of `bytes` bytes at `ptr` must be aligned to them (the emulator checks).
 #define DABDETR_CHECK_ALIGNED(ptr, bytes) ::cuemu::check_aligned(ptr, bytes, "vector access")
-#define C10_CUDA_CHECK(expr) ((void)0)
+#define C10_CUDA_CHECK(expr)                                                             \
+  do {                                                                                   \
+    const cudaError_t dabdetr_emu_err = (expr);                                          \
+    TORCH_CHECK(dabdetr_emu_err == cudaSuccess, "CUDA emulation: ", #expr, " failed"); \
+  } while (0)
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
 // The emulated ops are registered as CPU ops of their own namespace (schemas inferred from the
 // functions), never as the CUDA kernels of dabdetr::.

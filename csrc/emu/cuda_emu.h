@@ -3,25 +3,27 @@
 // csrc/emu/*_emu.cpp compile csrc/cuda/*.cu as C++ (g++, DABDETR_CUDA_EMULATION defined) with this
 // header first: every thread of a block is a fiber on one OS thread, and the blocks of a
 // grid run one after another. What it models:
-//  * __syncthreads(): a barrier of the block's threads that have not exited; a barrier reached by
-//    some threads while others wait at another one (divergent barriers) is reported as an error.
+//  * __syncthreads(): a barrier of the block's threads that have not exited (every call site is the
+//    same barrier, as bar.sync 0 is on the hardware). When no thread can go on (e.g. some wait in
+//    __syncthreads, others of the same warp in a shuffle), the launch fails with a deadlock error.
 //  * warp collectives (__shfl_xor_sync, __syncwarp, the WMMA load / store / mma calls): a barrier
 //    of the warp's 32 lanes (all must take part: a lane that exited makes it an error).
 //  * shared memory: a per-block buffer of the launch's dynamic size, filled with 0xFF bytes (NaN in
 //    every floating type) before each block, so that reading what no thread wrote shows up in the
 //    results; 256 more such bytes after it, which a block must leave as they are.
 //  * WMMA (nvcuda::wmma, m16n16k16, half / bfloat16 inputs, float accumulators): each lane holds
-//    the whole 16x16 tile (the real per-lane layout is opaque to the API); a product is computed
-//    an element per lane and shared through the warp, exact products summed in float, as tensor
-//    cores do up to the order of the sums; a store writes
-//    each element from one lane (element e from lane e % 32), so that another warp, or another lane
-//    of this warp, reading it before a barrier can see old values; pointers must be 32-byte aligned
-//    and leading dimensions multiples of 16 bytes, as on the hardware.
+//    the whole 16x16 tile (the real per-lane layout is opaque to the API); a product is computed an
+//    element per lane and shared through the warp, exact products summed in float, as tensor cores
+//    do up to the order of the sums; a store writes element e from lane e % 32, so that another
+//    warp, or another lane of this warp, reading it before a barrier can see old values.
 //  * scheduling: between barriers the runnable threads run one at a time, in thread order, in
 //    reverse order, or in a seeded random order (set_schedule). A kernel without data races gives
 //    bitwise the same results under every order; a missing barrier usually does not.
-//  * alignment: WMMA pointers and leading dims, vector stores (DABDETR_CHECK_ALIGNED).
+//  * alignment, as on the hardware: WMMA pointers 32-byte aligned with leading dims of 16-byte
+//    multiples; vector stores aligned to their size (DABDETR_CHECK_ALIGNED).
 //  * device math: exp2f, log2f, __sincosf with errors within CUDA's documented bounds.
+//  * launches: block size, grid limits, dynamic shared memory over 48 KB only after
+//    cudaFuncSetAttribute(MaxDynamicSharedMemorySize).
 // Not modelled: the memory model beyond barriers, global-memory bounds (tests/cuda_emu.py --asan
 // runs the kernels under AddressSanitizer for those), performance, and anything about the compiled
 // device code (registers, spills, PTX): those need nvcc's reports and a GPU.
@@ -49,6 +51,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -340,12 +343,29 @@ inline void run_block(Block& b, std::mt19937_64& rng) {
   }
 }
 
+// Dynamic shared memory per kernel: 48 KB unless cudaFuncSetAttribute(kernel,
+// cudaFuncAttributeMaxDynamicSharedMemorySize, n) raised it (up to the device's opt-in maximum), as
+// on the hardware, where a larger launch fails.
+constexpr int kDefaultDynamicSmem = 48 * 1024;
+constexpr int kMaxDynamicSmemOptin = 227 * 1024;  // sm_90
+inline std::unordered_map<const void*, int>& smem_optin() {
+  static std::unordered_map<const void*, int> m;
+  return m;
+}
+
 // kernel<<<grid, block, smem>>>(args...): every block of the grid in turn (x fastest).
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
   if (block.x * block.y * block.z == 0 || block.x * block.y * block.z > 1024)
     throw std::runtime_error("CUDA emulation: invalid block size");
   if (grid.y > 65535 || grid.z > 65535) throw std::runtime_error("CUDA emulation: grid.y / grid.z over 65535");
+  const auto it = smem_optin().find(reinterpret_cast<const void*>(kernel));
+  const size_t allowed = static_cast<size_t>(it != smem_optin().end() ? it->second : kDefaultDynamicSmem);
+  if (smem_bytes > allowed)
+    throw std::runtime_error("CUDA emulation: the launch asks for " + std::to_string(smem_bytes) +
+                             " bytes of dynamic shared memory, the kernel allows " + std::to_string(allowed) +
+                             " (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, n) "
+                             "raises it)");
   std::tuple<std::decay_t<KArgs>...> params(static_cast<std::decay_t<KArgs>>(args)...);  // by value, as CUDA
   Block b;
   b.bdim = block;
@@ -486,6 +506,17 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
 #define blockIdx (::cuemu::blk().bid)
 #define blockDim (::cuemu::blk().bdim)
 #define gridDim (::cuemu::blk().gdim)
+
+// Host API: the one attribute the kernels' host code sets (a better match than the runtime's
+// const void* overload, which would need libcudart).
+template <typename... A>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(A...), cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value < 0 || value > ::cuemu::kMaxDynamicSmemOptin) return cudaErrorInvalidValue;
+    ::cuemu::smem_optin()[reinterpret_cast<const void*>(kernel)] = value;
+  }
+  return cudaSuccess;
+}
 
 inline void __syncthreads() { ::cuemu::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {

@@ -1,8 +1,9 @@
 // Kernels with known defects, to show that the CUDA emulator (cuda_emu.h) catches what the tests of
 // the real kernels rely on it to catch: a missing __syncthreads (results change with the schedule),
 // a barrier half a warp skips for a shuffle (deadlock error), a warp collective after lanes exited
-// (error), a write past the dynamic shared memory (error), reads of shared memory nobody wrote (NaN)
-// and misaligned WMMA / vector accesses (error). Tests only.
+// (error), a write past the dynamic shared memory (error), reads of shared memory nobody wrote (NaN),
+// misaligned WMMA / vector accesses and over 48 KB of dynamic shared memory without opting in
+// (errors). Tests only.
 #define DABDETR_CUDA_EMULATION 1
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -74,15 +75,29 @@ __global__ void misaligned_vector_kernel(float* out) {
   out[threadIdx.x] = 0.0f;
 }
 
+// Uses 64 KB of dynamic shared memory (more than a kernel gets without opting in).
+__global__ void big_smem_kernel(float* out) {
+  DABDETR_DYNAMIC_SMEM(smem, 16);
+  float* s = reinterpret_cast<float*>(smem);
+  s[16383 - threadIdx.x] = 2.0f;
+  __syncthreads();
+  out[threadIdx.x] = s[16383 - threadIdx.x];
+}
+
 // kind: 0 neighbour without barrier, 1 neighbour with barrier, 2 divergent barrier, 3 shuffle after
 // exited lanes, 4 shared-memory overflow, 5 unwritten shared memory, 6 misaligned WMMA load, 7
-// misaligned vector store. Returns the kernel's output.
+// misaligned vector store, 8 64 KB of dynamic shared memory without opting in, 9 the same after
+// cudaFuncSetAttribute. Returns the kernel's output.
 at::Tensor selftest(int64_t kind, int64_t threads, int64_t blocks) {
   at::Tensor out = at::empty({blocks * threads}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
   const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(threads));
   const size_t smem = static_cast<size_t>(threads) * sizeof(float);
-  if (kind == 0 || kind == 1) {
+  if (kind == 8 || kind == 9) {  // 64 KB of dynamic shared memory; 9: after raising the kernel's limit
+    if (kind == 9)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(big_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
+    launch_kernel(big_smem_kernel, grid, block, 64 * 1024, nullptr, o);
+  } else if (kind == 0 || kind == 1) {
     launch_kernel(neighbour_kernel, grid, block, smem, nullptr, o, kind == 1);
   } else if (kind == 4) {
     launch_kernel(smem_overflow_kernel, grid, block, smem, nullptr, o, static_cast<int>(threads));
