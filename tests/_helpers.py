@@ -345,6 +345,32 @@ def compare_to_reference(
     return out, grads, ref_out64, ref_g64
 
 
+def assert_ignores_padded_key_contents(call: Callable, device, dtype, gen, seed) -> None:
+    """A fused attention ``call`` (keyword inputs, as :func:`attention_call`) never reads a padded
+    key into the result: inf / NaN in the keys and values at padded positions leave the output and
+    every gradient bitwise as with zeros there, and the padded keys' gradients are zero. Two key
+    tiles of the CUDA kernel (Nk = 70, a partial last one), seq-first views."""
+    inputs = make_attention_inputs(gen, device, dtype, 2, 5, 70, 2, 8, 8, 8, "seq_first", "random")
+    mask = inputs["key_padding_mask"].clone()
+    mask[:, 0] = False  # every row keeps a key
+    mask[1, 40:] = True
+    inputs["key_padding_mask"] = mask
+    gout = torch.randn(2, 5, 2, 8, generator=gen).to(device)
+    clean = dict(inputs)
+    poisoned = dict(inputs)
+    for k, fill in (("k_content", float("nan")), ("k_pos", float("inf")), ("value", float("nan"))):
+        clean[k] = inputs[k].masked_fill(mask[:, :, None, None], 0.0)
+        poisoned[k] = inputs[k].masked_fill(mask[:, :, None, None], fill)
+    out0, grads0 = forward_backward(call, clean, ATTN_DIFF, gout)
+    out1, grads1 = forward_backward(call, poisoned, ATTN_DIFF, gout)
+    assert torch.isfinite(out1).all(), f"padded keys' inf/NaN reached the output [seed={seed}]"
+    assert torch.equal(out1, out0), f"output depends on padded keys' contents [seed={seed}]"
+    for k in ATTN_DIFF:
+        assert torch.equal(grads1[k], grads0[k]), f"grad of {k} depends on padded keys' contents [seed={seed}]"
+    for k in ("k_content", "k_pos", "value"):
+        assert torch.all(grads1[k][mask] == 0), f"padded keys get a non-zero grad of {k} [seed={seed}]"
+
+
 # Fraction of the magnitude of the terms of a gradient below which its value is treated as the
 # result of cancellation (see attention_grad_floors).
 CANCELLATION_FLOOR = 1e-2

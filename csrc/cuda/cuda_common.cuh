@@ -7,7 +7,8 @@
 // Built two ways: by nvcc for the GPU, and by the host compiler with DABDETR_CUDA_EMULATION defined
 // for csrc/emu (the same kernels run on the CPU by an emulator of the CUDA execution model, for the
 // tests: tests/test_cuda_emulated.py). The few places where they differ are the helpers below
-// (dynamic shared memory, kernel launch, device guard / stream, device attributes, registration).
+// (dynamic shared memory, kernel launch and error checks, device guard / stream, device attributes,
+// registration, output poisoning, alignment checks).
 #ifdef DABDETR_CUDA_EMULATION
 #include "../emu/cuda_emu.h"
 #endif
@@ -230,7 +231,7 @@ inline int num_sms(int device) {
 inline int max_smem_optin(int device) {
 #ifdef DABDETR_CUDA_EMULATION
   (void)device;
-  return 227 * 1024;  // sm_90
+  return ::cuemu::kMaxDynamicSmemOptin;  // the emulated device's (sm_90's) opt-in maximum
 #else
   static int cached[64] = {0};
   if (device < 0 || device >= 64) device = 0;

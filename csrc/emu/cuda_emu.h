@@ -430,34 +430,32 @@ struct fragment {
 };
 
 namespace detail {
-template <typename Layout>
-constexpr bool kRow = std::is_same_v<Layout, row_major>;
-}
-
-namespace detail {
 // WMMA's rules: a 256-bit aligned pointer, a leading dimension of a multiple of 16 bytes.
 template <typename T>
 inline void check(const T* p, unsigned ldm, const char* what) {
   ::cuemu::check_aligned(p, 32, what);
   if ((ldm * sizeof(T)) % 16 != 0) ::cuemu::fail(std::string(what) + ": ldm is not a multiple of 16 bytes");
 }
+
+// A warp-collective load of a row- or column-major 16 x 16 tile into a fragment's row-major copy.
+template <typename T>
+inline void load(T* x, const T* p, unsigned ldm, bool row_major) {
+  check(p, ldm, "wmma::load_matrix_sync");
+  ::cuemu::syncwarp();
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) x[r * 16 + c] = row_major ? p[r * ldm + c] : p[c * ldm + r];
+}
 }  // namespace detail
 
 template <typename Use, typename T, typename Layout>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
   static_assert(!std::is_same_v<Use, accumulator>, "accumulators load with a layout_t");
-  detail::check(p, ldm, "wmma::load_matrix_sync");
-  ::cuemu::syncwarp();
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = detail::kRow<Layout> ? p[r * ldm + c] : p[c * ldm + r];
+  detail::load(f.x, p, ldm, std::is_same_v<Layout, row_major>);
 }
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm,
                              layout_t layout) {
-  detail::check(p, ldm, "wmma::load_matrix_sync");
-  ::cuemu::syncwarp();
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
+  detail::load(f.x, p, ldm, layout == mem_row_major);
 }
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
