@@ -5,8 +5,8 @@ inputs, for float64 / float32 / float16 / bfloat16, on the op tests' own cases p
 the CUDA kernels' tiles (several query and key tiles, partial last tiles, head dims up to 64) and
 grid-stride loops (the emulated device has 2 SMs). Then what only a parallel machine can get wrong:
 each kernel's results are bitwise the same whether the threads between two barriers run in thread
-order, in reverse or in a random order (a missing __syncthreads / __syncwarp shows up as a
-difference), shared memory nobody wrote reads as NaN, outputs start as NaN (a row the kernel
+order, in reverse or in a random order, the blocks too (a missing __syncthreads / __syncwarp, or
+a block depending on another's writes, shows up as a difference), shared memory nobody wrote reads as NaN, outputs start as NaN (a row the kernel
 forgets shows up), and a write past the dynamic shared memory, a deadlock, a warp collective with
 exited lanes or a misaligned WMMA / vector access is an error. The last tests check that the emulator does catch those defects.
 ``python tests/cuda_emu.py --asan`` (part of `make test`) runs this file again with the kernels
@@ -363,9 +363,6 @@ def test_model_matches_the_original_with_emulated_cuda_kernels(emu):
     every fused op on the CUDA kernels: eval outputs, matcher, every loss, every gradient (the
     decoder's cross-attention, the sine embeddings, the CPU self-attentions on the attention op, as
     the model calls them: strided column slices of the batched key-side projections, masks)."""
-    if cuda_emu.asan():
-        pytest.skip("runs in the main suite (its kernels' memory accesses are the cases above; under "
-                    "AddressSanitizer, without the fast fiber switch, it takes minutes)")
     import test_model_parity as parity
     from conftest_model import load_fixture
 
@@ -397,8 +394,6 @@ def test_model_bf16_autocast_with_emulated_cuda_kernels(emu):
     non-negligible gradient a cosine similarity to the float32 one at most 0.02 below the CPU
     kernels' (bf16 rounding dominates both; measured: losses within 0.7% (CPU kernels 0.8%), lowest
     cosine 0.944 (CPU kernels 0.935), at most 0.005 below the CPU kernels')."""
-    if cuda_emu.asan():
-        pytest.skip("runs in the main suite (slow under AddressSanitizer)")
     import test_model_parity as parity
     from conftest_model import load_fixture
     from dabdetr.models.checkpoint import original_to_ours
@@ -454,6 +449,18 @@ def test_emulator_detects_a_missing_barrier(emu):
         assert torch.equal(s, want.float().repeat(2))
     assert not all(torch.equal(r, racy[0]) for r in racy[1:]), "a missing barrier gave the same result in every order"
     assert torch.isnan(racy[0]).any(), "thread order: the neighbour's slot is read before it is written (NaN)"
+
+
+def test_emulator_detects_blocks_that_depend_on_their_order(emu):
+    """Block b reads what block b - 1 wrote: right in grid order only (the schedule orders the blocks
+    too, as the race checks above rely on)."""
+    results = []
+    for mode in (0, 1, 2):
+        with _Schedule(emu, mode, 3):
+            results.append(emu.selftest(10, 32, 6)[:6])
+    assert torch.equal(results[0], torch.arange(1.0, 7.0))
+    assert torch.equal(results[1], torch.ones(6)), "reverse order: every block reads a zero"
+    assert not torch.equal(results[2], results[0]), "random block order gave grid order (seed 3)"
 
 
 @pytest.mark.parametrize("kind,message", [

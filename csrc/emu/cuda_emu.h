@@ -17,16 +17,19 @@
 //    do up to the order of the sums; a store writes element e from lane e % 32, so that another
 //    warp, or another lane of this warp, reading it before a barrier can see old values.
 //  * scheduling: between barriers the runnable threads run one at a time, in thread order, in
-//    reverse order, or in a seeded random order (set_schedule). A kernel without data races gives
-//    bitwise the same results under every order; a missing barrier usually does not.
+//    reverse order, or in a seeded random order (set_schedule); the blocks of a grid run in the
+//    same kind of order. A kernel without data races gives bitwise the same results under every
+//    order; a missing barrier, or a block reading what another block writes, usually does not.
 //  * alignment, as on the hardware: WMMA pointers 32-byte aligned with leading dims of 16-byte
 //    multiples; vector stores aligned to their size (DABDETR_CHECK_ALIGNED).
 //  * device math: exp2f, log2f, __sincosf with errors within CUDA's documented bounds.
 //  * launches: block size, grid limits, dynamic shared memory over 48 KB only after
 //    cudaFuncSetAttribute(MaxDynamicSharedMemorySize).
-// Not modelled: the memory model beyond barriers, global-memory bounds (tests/cuda_emu.py --asan
-// runs the kernels under AddressSanitizer for those), performance, and anything about the compiled
-// device code (registers, spills, PTX): those need nvcc's reports and a GPU.
+// Not modelled: the memory model beyond barriers, blocks running at the same time (two blocks'
+// unsynchronised read-modify-writes of one global element would pass), global-memory bounds
+// (tests/cuda_emu.py --asan runs the kernels under AddressSanitizer for those), performance, and
+// anything about the compiled device code (registers, spills, PTX): those need nvcc's reports and
+// a GPU.
 #pragma once
 
 #ifndef DABDETR_CUDA_EMULATION
@@ -60,10 +63,25 @@
 #define __grid_constant__
 #endif
 
+// AddressSanitizer (tests/cuda_emu.py --asan): told about every switch between stacks
+// (__sanitizer_start/finish_switch_fiber), so that it checks each fiber against its own stack, and
+// a reused fiber stack is unpoisoned first (a fiber parked for good leaves its frames' red zones).
+#if defined(__SANITIZE_ADDRESS__)
+#define DABDETR_CUEMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define DABDETR_CUEMU_ASAN 1
+#endif
+#endif
+#ifdef DABDETR_CUEMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 // Fiber context switch. On x86-64: a few instructions (callee-saved registers and the stack
-// pointer; swapcontext also saves the signal mask, a system call per switch, ~10x slower). Under
-// AddressSanitizer and elsewhere: ucontext, which ASan knows about.
-#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+// pointer; swapcontext also saves the signal mask, a system call per switch, ~10x slower).
+// Elsewhere: ucontext.
+#if defined(__x86_64__)
 #define DABDETR_CUEMU_ASM_SWITCH 1
 // dabdetr_cuemu_switch(save, to): pushes the callee-saved registers, stores the stack pointer in
 // *save, loads `to` and pops the registers saved there. A COMDAT section: every translation unit
@@ -103,18 +121,49 @@ struct Context {
 #else
   ucontext_t uc;
 #endif
+  // The stack this context runs on (for ASan): a fiber's own; for the launching thread's context,
+  // what ASan reported when the first fiber started.
+  const void* stack = nullptr;
+  size_t stack_size = 0;
 };
 
-inline void context_switch(Context& from, Context& to) {
+// Switches from `from` (the running context) to `to`. `from_ends`: `from` is never resumed (its
+// stack is reused, or freed, later).
+inline void context_switch(Context& from, Context& to, bool from_ends = false) {
+#ifdef DABDETR_CUEMU_ASAN
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(from_ends ? nullptr : &fake_stack, to.stack, to.stack_size);
+#else
+  (void)from_ends;
+#endif
 #ifdef DABDETR_CUEMU_ASM_SWITCH
   dabdetr_cuemu_switch(&from.sp, to.sp);
 #else
   swapcontext(&from.uc, &to.uc);
 #endif
+#ifdef DABDETR_CUEMU_ASAN
+  // resumed: fibers are resumed by the scheduler only, the scheduler by fibers only
+  __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+#endif
+}
+
+// A fiber's first instruction: the switch that started it ends here (under ASan, where the
+// launching thread's stack is learned, for the fibers' switches back).
+inline void context_started(Context& scheduler) {
+#ifdef DABDETR_CUEMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &scheduler.stack, &scheduler.stack_size);
+#else
+  (void)scheduler;
+#endif
 }
 
 // A context that starts `entry` (which must never return) on the given stack.
 inline void context_init(Context& c, char* stack, size_t size, void (*entry)()) {
+  c.stack = stack;
+  c.stack_size = size;
+#ifdef DABDETR_CUEMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(stack, size);  // red zones of a parked fiber's frames, if reused
+#endif
 #ifdef DABDETR_CUEMU_ASM_SWITCH
   // The first switch pops six zero registers and "returns" into entry with the stack pointer at
   // 8 mod 16, as after a call.
@@ -188,7 +237,7 @@ inline unsigned linear_tid() {
   if (b.error.empty()) b.error = msg;
   Fiber& f = self();
   f.wait = Wait::kDone;  // parked for good; the launcher reports the error
-  context_switch(f.ctx, b.sched);
+  context_switch(f.ctx, b.sched, /*from_ends=*/true);
   std::abort();  // never resumed
 }
 
@@ -256,6 +305,7 @@ inline void check_aligned(const void* p, size_t bytes, const char* what) {
 
 inline void fiber_entry() {
   Block& b = blk();
+  context_started(b.sched);
   b.body();
   Fiber& f = self();
   f.wait = Wait::kDone;
@@ -264,7 +314,7 @@ inline void fiber_entry() {
   --b.warp_size[w];
   if (b.warp_arrived[w] > 0) fail("a thread exited while its warp waited in a warp collective");
   try_release_block(b);
-  context_switch(f.ctx, b.sched);  // for good (a fiber's entry must not return)
+  context_switch(f.ctx, b.sched, /*from_ends=*/true);  // a fiber's entry must not return
   std::abort();
 }
 
@@ -353,7 +403,8 @@ inline std::unordered_map<const void*, int>& smem_optin() {
   return m;
 }
 
-// kernel<<<grid, block, smem>>>(args...): every block of the grid in turn (x fastest).
+// kernel<<<grid, block, smem>>>(args...): the blocks of the grid one after another, in the order of
+// the schedule (thread order: x fastest; reverse; random).
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
   if (block.x * block.y * block.z == 0 || block.x * block.y * block.z > 1024)
@@ -375,22 +426,29 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   std::mt19937_64 rng(schedule().seed);
   Block* saved = current_block();
   current_block() = &b;
+  // The blocks' order follows the schedule too (the hardware promises none): a kernel whose blocks
+  // depend on each other's global-memory writes gives different results.
+  std::vector<uint3> blocks;
+  blocks.reserve(static_cast<size_t>(grid.x) * grid.y * grid.z);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(make_uint3(x, y, z));
+  if (schedule().mode == 1) std::reverse(blocks.begin(), blocks.end());
+  if (schedule().mode == 2) std::shuffle(blocks.begin(), blocks.end(), rng);
   try {
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-          // poison: NaN in every floating type; the base 128-byte aligned (as __align__(128) asks)
-          buf.assign(smem_bytes + kGuardBytes + kSmemAlign, kGuardByte);
-          const size_t shift = (kSmemAlign - reinterpret_cast<uintptr_t>(buf.data()) % kSmemAlign) % kSmemAlign;
-          b.smem = buf.data() + shift;
-          b.bid = make_uint3(x, y, z);
-          run_block(b, rng);
-          for (size_t i = smem_bytes; i < smem_bytes + kGuardBytes; ++i)
-            if (b.smem[i] != kGuardByte)
-              throw std::runtime_error("CUDA emulation: block (" + std::to_string(x) + ", " + std::to_string(y) +
-                                       ") wrote past the end of its " + std::to_string(smem_bytes) +
-                                       " bytes of dynamic shared memory");
-        }
+    for (const uint3& bid : blocks) {
+      // poison: NaN in every floating type; the base 128-byte aligned (as __align__(128) asks)
+      buf.assign(smem_bytes + kGuardBytes + kSmemAlign, kGuardByte);
+      const size_t shift = (kSmemAlign - reinterpret_cast<uintptr_t>(buf.data()) % kSmemAlign) % kSmemAlign;
+      b.smem = buf.data() + shift;
+      b.bid = bid;
+      run_block(b, rng);
+      for (size_t i = smem_bytes; i < smem_bytes + kGuardBytes; ++i)
+        if (b.smem[i] != kGuardByte)
+          throw std::runtime_error("CUDA emulation: block (" + std::to_string(bid.x) + ", " + std::to_string(bid.y) +
+                                   ", " + std::to_string(bid.z) + ") wrote past the end of its " +
+                                   std::to_string(smem_bytes) + " bytes of dynamic shared memory");
+    }
   } catch (...) {
     current_block() = saved;
     throw;

@@ -3,10 +3,11 @@
 // a barrier half a warp skips for a shuffle (deadlock error), a warp collective after lanes exited
 // (error), a write past the dynamic shared memory (error), reads of shared memory nobody wrote (NaN),
 // misaligned WMMA / vector accesses and over 48 KB of dynamic shared memory without opting in
-// (errors). Tests only.
+// (errors), blocks that depend on the order they run in (results change with the schedule). Tests
+// only.
 #define DABDETR_CUDA_EMULATION 1
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "../cuda/cuda_common.cuh"
@@ -75,6 +76,12 @@ __global__ void misaligned_vector_kernel(float* out) {
   out[threadIdx.x] = 0.0f;
 }
 
+// Block b's thread 0 adds one to what block b - 1 wrote: it assumes the blocks run in order, which
+// CUDA does not promise.
+__global__ void chained_blocks_kernel(float* out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = (blockIdx.x == 0 ? 0.0f : out[blockIdx.x - 1]) + 1.0f;
+}
+
 // Uses 64 KB of dynamic shared memory (more than a kernel gets without opting in).
 __global__ void big_smem_kernel(float* out) {
   DABDETR_DYNAMIC_SMEM(smem, 16);
@@ -87,9 +94,10 @@ __global__ void big_smem_kernel(float* out) {
 // kind: 0 neighbour without barrier, 1 neighbour with barrier, 2 divergent barrier, 3 shuffle after
 // exited lanes, 4 shared-memory overflow, 5 unwritten shared memory, 6 misaligned WMMA load, 7
 // misaligned vector store, 8 64 KB of dynamic shared memory without opting in, 9 the same after
-// cudaFuncSetAttribute. Returns the kernel's output.
+// cudaFuncSetAttribute, 10 blocks chained through global memory (out starts as zeros). Returns the
+// kernel's output.
 at::Tensor selftest(int64_t kind, int64_t threads, int64_t blocks) {
-  at::Tensor out = at::empty({blocks * threads}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor out = at::zeros({blocks * threads}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.mutable_data_ptr<float>();
   const dim3 grid(static_cast<unsigned>(blocks)), block(static_cast<unsigned>(threads));
   const size_t smem = static_cast<size_t>(threads) * sizeof(float);
@@ -110,7 +118,7 @@ at::Tensor selftest(int64_t kind, int64_t threads, int64_t blocks) {
     };
     const Simple simple[] = {{2, divergent_barrier_kernel, 0}, {3, exited_lanes_shuffle_kernel, 0},
                              {5, unwritten_smem_kernel, smem}, {6, misaligned_wmma_kernel, 1024},
-                             {7, misaligned_vector_kernel, 0}};
+                             {7, misaligned_vector_kernel, 0}, {10, chained_blocks_kernel, 0}};
     const Simple* hit = nullptr;
     for (const Simple& e : simple)
       if (e.kind == kind) hit = &e;
