@@ -11,10 +11,12 @@ Without the headers the emulation tests skip, unless ``DABDETR_REQUIRE_CUDA_EMUL
 it): then they fail. A compile error always fails them.
 
 Under AddressSanitizer (global-memory bounds, which the emulator itself does not check: every
-tensor torch allocates then has red zones): ``python tests/cuda_emu.py --asan [pytest args]`` runs
-tests/test_cuda_emulated.py in a process with libasan preloaded and the library built with
-``-fsanitize=address`` (``DABDETR_CUDA_EMU_ASAN=1``, cached in ``build/cuda_emu_asan``); `make test`
-does so after the main suite.
+tensor torch allocates then has red zones) and UndefinedBehaviorSanitizer (e.g. every vector load or
+store through a misaligned pointer, a fault on the GPU; signed overflow in index arithmetic):
+``python tests/cuda_emu.py --asan [pytest args]`` runs tests/test_cuda_emulated.py in a process
+with libasan preloaded and the library built with ``-fsanitize=address,undefined`` (any finding
+ends the process; ``DABDETR_CUDA_EMU_ASAN=1``, cached in ``build/cuda_emu_asan``); `make test` does
+so after the main suite.
 """
 
 from __future__ import annotations
@@ -81,14 +83,15 @@ def load() -> Optional[str]:
     from torch.utils import cpp_extension
 
     build_dir = ASAN_BUILD_DIR if asan() else BUILD_DIR
-    flags = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if asan() else ["-O2"]
+    flags = (["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+             if asan() else ["-O2"])
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="dabdetr_cuda_emu",
         sources=[str(s) for s in SOURCES],
         extra_include_paths=[str(ROOT / "csrc"), inc],
         extra_cflags=flags,
-        extra_ldflags=["-fsanitize=address"] if asan() else None,
+        extra_ldflags=["-fsanitize=address,undefined"] if asan() else None,
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,
@@ -117,7 +120,8 @@ def _compiler_lib(name: str) -> Optional[str]:
 
 
 def run_asan(pytest_args) -> int:
-    """tests/test_cuda_emulated.py in a process with libasan preloaded and the sanitized library."""
+    """tests/test_cuda_emulated.py in a process with libasan preloaded and the sanitized library
+    (AddressSanitizer + UndefinedBehaviorSanitizer)."""
     lib = _compiler_lib("libasan.so")
     # libstdc++ preloaded too: python does not link it, and without it ASan's __cxa_throw
     # interceptor finds no real __cxa_throw (any C++ exception, e.g. in Triton's import, then aborts)

@@ -10,7 +10,8 @@ a block depending on another's writes, shows up as a difference), shared memory 
 forgets shows up), and a write past the dynamic shared memory, a deadlock, a warp collective with
 exited lanes or a misaligned WMMA / vector access is an error. The last tests check that the emulator does catch those defects.
 ``python tests/cuda_emu.py --asan`` (part of `make test`) runs this file again with the kernels
-under AddressSanitizer: any access outside a tensor's memory is an error with its source line.
+under AddressSanitizer and UndefinedBehaviorSanitizer: any access outside a tensor's memory, and
+any vector access through a misaligned pointer, is an error with its source line.
 
 The device math functions (exp2f, log2f, __sincosf) carry errors within CUDA's documented bounds
 (cuda_emu.h), so the tolerances hold for the hardware's error budget. What this cannot check: the

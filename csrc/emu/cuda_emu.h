@@ -21,7 +21,8 @@
 //    same kind of order. A kernel without data races gives bitwise the same results under every
 //    order; a missing barrier, or a block reading what another block writes, usually does not.
 //  * alignment, as on the hardware: WMMA pointers 32-byte aligned with leading dims of 16-byte
-//    multiples; vector stores aligned to their size (DABDETR_CHECK_ALIGNED).
+//    multiples; vector stores aligned to their size (DABDETR_CHECK_ALIGNED; under the sanitizers,
+//    tests/cuda_emu.py --asan, every vector access through a misaligned pointer is reported too).
 //  * device math: exp2f, log2f, __sincosf with errors within CUDA's documented bounds.
 //  * launches: block size, grid limits, dynamic shared memory over 48 KB only after
 //    cudaFuncSetAttribute(MaxDynamicSharedMemorySize).
