@@ -3,15 +3,17 @@ emulator of the CUDA execution model (csrc/emu/cuda_emu.h; built by tests/cuda_e
 like every other kernel: forward and all gradients against the float64 reference on fresh random
 inputs, for float64 / float32 / float16 / bfloat16, on the op tests' own cases plus cases sized for
 the CUDA kernels' tiles (several query and key tiles, partial last tiles, head dims up to 64) and
-grid-stride loops (the emulated device has 2 SMs). Then what only a parallel machine can get wrong:
-each kernel's results are bitwise the same whether the threads between two barriers run in thread
-order, in reverse or in a random order, the blocks too (a missing __syncthreads / __syncwarp, or
-a block depending on another's writes, shows up as a difference), shared memory nobody wrote reads as NaN, outputs start as NaN (a row the kernel
-forgets shows up), and a write past the dynamic shared memory, a deadlock, a warp collective with
-exited lanes or a misaligned WMMA / vector access is an error. The last tests check that the emulator does catch those defects.
-``python tests/cuda_emu.py --asan`` (part of `make test`) runs this file again with the kernels
-under AddressSanitizer and UndefinedBehaviorSanitizer: any access outside a tensor's memory, and
-any vector access through a misaligned pointer, is an error with its source line.
+grid-stride loops (the emulated device has 2 SMs, and for the sine kernels also an H100's 132). Then
+what only a parallel machine can get wrong: each kernel's results are bitwise the same whether the
+threads between two barriers run in thread order, in reverse or in a random order, the blocks too (a
+missing __syncthreads / __syncwarp, or a block depending on another's writes, shows up as a
+difference), shared memory nobody wrote reads as NaN, outputs start as NaN (a row the kernel forgets
+shows up), and a write past the dynamic shared memory, a deadlock, a warp collective with exited
+lanes or a misaligned WMMA / vector access is an error. The last tests check that the emulator does
+catch those defects. ``python tests/cuda_emu.py --asan`` (part of `make test`) runs this file again
+with the kernels under AddressSanitizer and UndefinedBehaviorSanitizer: any access outside a
+tensor's memory, and any vector access through a misaligned pointer, is an error with its source
+line.
 
 The device math functions (exp2f, log2f, __sincosf) carry errors within CUDA's documented bounds
 (cuda_emu.h), so the tolerances hold for the hardware's error budget. What this cannot check: the
@@ -61,6 +63,18 @@ def emu():
     E.set_schedule(0, 0)
     yield E
     E.set_schedule(0, 0)
+
+
+# The emulated device's SM count, by which the sine kernels size their grid-stride grids: 2 (the
+# loops take several turns at test sizes) and an H100's / H200's 132 (larger grids, idle warps).
+SMS = [pytest.param(2, id="2sm"), pytest.param(132, id="132sm")]
+
+
+@pytest.fixture
+def sms(emu, request):
+    emu.set_num_sms(request.param)
+    yield request.param
+    emu.set_num_sms(2)
 
 
 class _Schedule:
@@ -277,9 +291,10 @@ EMU_MSQ_CASES = {
 ALL_MSQ_CASES = {**MSQ_CASES, **EMU_MSQ_CASES}
 
 
+@pytest.mark.parametrize("sms", SMS, indirect=True)
 @pytest.mark.parametrize("case", list(ALL_SINE_CASES), ids=list(ALL_SINE_CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_emulated_sine_embed_matches_reference(emu, dtype, case, gen, seed):
+def test_emulated_sine_embed_matches_reference(emu, sms, dtype, case, gen, seed):
     c = ALL_SINE_CASES[case]
     coords, temperature = _sine_case(c, gen, "cpu", dtype, False)
     F, xy = c["F"], c["xy"]
@@ -294,9 +309,10 @@ def test_emulated_sine_embed_matches_reference(emu, dtype, case, gen, seed):
     assert out.shape == (*coords.shape[:-1], c["C"] * F) and out.is_contiguous()
 
 
+@pytest.mark.parametrize("sms", SMS, indirect=True)
 @pytest.mark.parametrize("case", list(ALL_MSQ_CASES), ids=list(ALL_MSQ_CASES))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_emulated_modulated_sine_query_matches_reference(emu, dtype, case, gen, seed):
+def test_emulated_modulated_sine_query_matches_reference(emu, sms, dtype, case, gen, seed):
     c = ALL_MSQ_CASES[case]
     inputs, temperature = _msq_case(c, gen, "cpu", dtype, False)
     F = c["F"]
@@ -311,8 +327,9 @@ def test_emulated_modulated_sine_query_matches_reference(emu, dtype, case, gen, 
     assert out.shape == (*inputs["anchors"].shape[:-1], 2 * F) and out.is_contiguous()
 
 
+@pytest.mark.parametrize("sms", SMS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_emulated_sine_kernels_are_race_free(emu, dtype, gen, seed):
+def test_emulated_sine_kernels_are_race_free(emu, sms, dtype, gen, seed):
     """Both ops' forward and backward (shuffles, the shared frequency table) bitwise identical
     under every schedule."""
     coords = make_coords(gen, "cpu", dtype, (3, 50), 4, "seq_first")

@@ -25,7 +25,7 @@
 //    tests/cuda_emu.py --asan, every vector access through a misaligned pointer is reported too).
 //  * device math: exp2f, log2f, __sincosf with errors within CUDA's documented bounds.
 //  * launches: block size, grid limits, dynamic shared memory over 48 KB only after
-//    cudaFuncSetAttribute(MaxDynamicSharedMemorySize).
+//    cudaFuncSetAttribute(MaxDynamicSharedMemorySize); the device's SM count (set_num_sms).
 // Not modelled: the memory model beyond barriers, blocks running at the same time (two blocks'
 // unsynchronised read-modify-writes of one global element would pass), global-memory bounds
 // (tests/cuda_emu.py --asan runs the kernels under AddressSanitizer for those), performance, and
@@ -455,6 +455,19 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
     throw;
   }
   current_block() = saved;
+}
+
+// The emulated device's multiprocessor count (what cudaDevAttrMultiProcessorCount reports; the
+// kernels size grid-stride grids by it): 2 by default, a small GPU, so that the loops take several
+// turns at test sizes; 132 is an H100's / H200's.
+inline int& emulated_sms() {
+  static int n = 2;
+  return n;
+}
+
+inline void set_num_sms(int n) {
+  if (n < 1 || n > 1024) throw std::invalid_argument("CUDA emulation: the SM count is 1 to 1024");
+  emulated_sms() = n;
 }
 
 inline void set_schedule(int mode, uint64_t seed) {
