@@ -5,7 +5,7 @@
 execution model: threads as fibers, barriers, warp shuffles, WMMA, shared memory), and register
 them as CPU ops ``torch.ops.dabdetr_cuda_emu.*`` with the CUDA kernels' arguments. The build
 needs a CUDA toolkit's headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h; not its compiler) and
-takes ~10-30 s; it is cached in ``build/cuda_emu``.
+takes ~10-30 s; it is cached in ``build/cuda_emu/<python>-<torch version>``.
 
 Without the headers the emulation tests skip, unless ``DABDETR_REQUIRE_CUDA_EMULATION=1`` (CI sets
 it): then they fail. A compile error always fails them.
@@ -15,12 +15,13 @@ tensor torch allocates then has red zones) and UndefinedBehaviorSanitizer (e.g. 
 store through a misaligned pointer, a fault on the GPU; signed overflow in index arithmetic):
 ``python tests/cuda_emu.py --asan [pytest args]`` runs tests/test_cuda_emulated.py in a process
 with libasan preloaded and the library built with ``-fsanitize=address,undefined`` (any finding
-ends the process; ``DABDETR_CUDA_EMU_ASAN=1``, cached in ``build/cuda_emu_asan``); `make test` does
-so after the main suite.
+ends the process; ``DABDETR_CUDA_EMU_ASAN=1``, cached in ``build/cuda_emu_asan/...``); `make test`
+does so after the main suite.
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import shutil
@@ -82,22 +83,40 @@ def load() -> Optional[str]:
         return _state["error"]
     from torch.utils import cpp_extension
 
-    build_dir = ASAN_BUILD_DIR if asan() else BUILD_DIR
+    build_dir = build_directory()
     flags = (["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
              if asan() else ["-O2"])
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name="dabdetr_cuda_emu",
-        sources=[str(s) for s in SOURCES],
-        extra_include_paths=[str(ROOT / "csrc"), inc],
-        extra_cflags=flags,
-        extra_ldflags=["-fsanitize=address,undefined"] if asan() else None,
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    # One build at a time per directory, under our own lock (the kernel drops it if we die). Inside
+    # it, a file named `lock` can only be a leftover: torch >= 2.14 leaves its (advisory) lock file
+    # behind, and torch < 2.14 waits, forever, for any such file to go (a killed build leaves one).
+    with open(build_dir / "dabdetr_build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink()
+        except FileNotFoundError:
+            pass
+        cpp_extension.load(
+            name="dabdetr_cuda_emu",
+            sources=[str(s) for s in SOURCES],
+            extra_include_paths=[str(ROOT / "csrc"), inc],
+            extra_cflags=flags,
+            extra_ldflags=["-fsanitize=address,undefined"] if asan() else None,
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
     _state["loaded"] = True
     return None
+
+
+def build_directory() -> Path:
+    """The build cache: per sanitizer setting, Python version and torch version (a library built
+    for another Python's or torch's ABI must not be loaded, nor rebuilt back and forth), e.g.
+    build/cuda_emu/py3.11-torch2.14.1."""
+    base = ASAN_BUILD_DIR if asan() else BUILD_DIR
+    tag = f"py{sys.version_info[0]}.{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}"
+    return base / tag
 
 
 def ops():
