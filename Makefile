@@ -51,12 +51,14 @@ ops-demo: setup
 	$(PYTHON) -m dabdetr.demo
 	$(PYTHON) benchmarks/bench_ops.py
 
-# The whole suite, then the Triton kernels under the interpreter (a separate process: with
+# The whole suite, then the emulated CUDA kernels and the C++ CPU kernels under ASan + UBSan, then
+# the Triton kernels under the interpreter (a separate process: with
 # TRITON_INTERPRET=1 the shared op tests would also run Triton on CPU tensors), then every Triton
 # kernel compiled to cubin for sm_80 and sm_90 (registers / shared memory report).
 test: setup
 	$(PYTHON) -m pytest -q tests
 	$(PYTHON) tests/cuda_emu.py --asan
+	$(PYTHON) tests/cpu_asan.py
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_triton.py
 	$(PYTHON) benchmarks/triton_compile_report.py
 

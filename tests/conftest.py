@@ -25,6 +25,18 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 
+def pytest_sessionstart(session):
+    """tests/cpu_asan.py runs the op tests with a sanitized build (DABDETR_LIBRARY): if it did not
+    load, every op would quietly run its reference implementation and the pass would prove
+    nothing, so that stops the session."""
+    if os.environ.get("DABDETR_EXPECT_SANITIZED_LIBRARY") == "1":
+        from dabdetr import _ext
+
+        if not (_ext.LOADED and _ext.HAS_CPU_KERNELS and os.environ.get("DABDETR_LIBRARY")):
+            raise pytest.UsageError(f"the sanitized library {os.environ.get('DABDETR_LIBRARY')} did not load or has "
+                                    f"no CPU kernels: {_ext.LOAD_ERROR}")
+
+
 def pytest_report_header(config):
     try:
         import dabdetr

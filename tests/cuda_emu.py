@@ -21,16 +21,17 @@ does so after the main suite.
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sanitizers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "csrc" / "emu" / f for f in ("attention_emu.cpp", "sine_emu.cpp", "selftest_emu.cpp")]
@@ -81,88 +82,38 @@ def load() -> Optional[str]:
             "/usr/local/cuda or nvcc's prefix"
         )
         return _state["error"]
-    from torch.utils import cpp_extension
-
     build_dir = build_directory()
-    flags = (["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-             if asan() else ["-O2"])
-    build_dir.mkdir(parents=True, exist_ok=True)
-    # One build at a time per directory, under our own lock (the kernel drops it if we die). Inside
-    # it, a file named `lock` can only be a leftover: torch >= 2.14 leaves its (advisory) lock file
-    # behind, and torch < 2.14 waits, forever, for any such file to go (a killed build leaves one).
-    with open(build_dir / "dabdetr_build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            (build_dir / "lock").unlink()
-        except FileNotFoundError:
-            pass
-        cpp_extension.load(
-            name="dabdetr_cuda_emu",
-            sources=[str(s) for s in SOURCES],
-            extra_include_paths=[str(ROOT / "csrc"), inc],
-            extra_cflags=flags,
-            extra_ldflags=["-fsanitize=address,undefined"] if asan() else None,
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
+    sanitized = asan()
+    sanitizers.locked_load(
+        build_dir,
+        name="dabdetr_cuda_emu",
+        sources=[str(s) for s in SOURCES],
+        extra_include_paths=[str(ROOT / "csrc"), inc],
+        extra_cflags=sanitizers.FLAGS if sanitized else ["-O2"],
+        extra_ldflags=sanitizers.LDFLAGS if sanitized else None,
+        is_python_module=False,
+    )
     _state["loaded"] = True
     return None
 
 
 def build_directory() -> Path:
-    """The build cache: per sanitizer setting, Python version and torch version (a library built
-    for another Python's or torch's ABI must not be loaded, nor rebuilt back and forth), e.g.
+    """The build cache: per sanitizer setting, Python version and torch version, e.g.
     build/cuda_emu/py3.11-torch2.14.1."""
-    base = ASAN_BUILD_DIR if asan() else BUILD_DIR
-    tag = f"py{sys.version_info[0]}.{sys.version_info[1]}-torch{torch.__version__.split('+')[0]}"
-    return base / tag
+    return (ASAN_BUILD_DIR if asan() else BUILD_DIR) / sanitizers.build_tag()
 
 
 def ops():
     return torch.ops.dabdetr_cuda_emu
 
 
-def _compiler_lib(name: str) -> Optional[str]:
-    """The host compiler's runtime library ``name`` (e.g. libasan.so), or None."""
-    for cc in (os.environ.get("CXX"), "c++", "g++"):
-        if not cc or shutil.which(cc) is None:
-            continue
-        try:
-            path = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            continue
-        if os.path.isabs(path) and os.path.exists(path):
-            return path
-    return None
-
-
 def run_asan(pytest_args) -> int:
     """tests/test_cuda_emulated.py in a process with libasan preloaded and the sanitized library
     (AddressSanitizer + UndefinedBehaviorSanitizer)."""
-    lib = _compiler_lib("libasan.so")
-    # libstdc++ preloaded too: python does not link it, and without it ASan's __cxa_throw
-    # interceptor finds no real __cxa_throw (any C++ exception, e.g. in Triton's import, then aborts)
-    cxx = _compiler_lib("libstdc++.so")
-    if lib is None or cxx is None:
-        msg = "CUDA emulation under AddressSanitizer: no libasan / libstdc++ from the host compiler"
-        if required():
-            print(f"{msg} (DABDETR_REQUIRE_CUDA_EMULATION=1)", file=sys.stderr)
-            return 1
-        print(f"{msg}; skipped", file=sys.stderr)
-        return 0
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = f"{lib} {cxx}"
-    env[ASAN_ENV] = "1"
-    # Python and torch are not instrumented: leaks at exit are theirs; halt on the first error.
-    env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1:" + env.get("ASAN_OPTIONS", "")
-    # --capture=sys: ASan reports on fd 2 and ends the process; fd capture would swallow the report
-    cmd = [sys.executable, "-m", "pytest", "-q", "--capture=sys", "-p", "no:cacheprovider",
-           str(ROOT / "tests" / "test_cuda_emulated.py"),
-           *pytest_args]
-    print(f"+ LD_PRELOAD='{env['LD_PRELOAD']}' {ASAN_ENV}=1", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env, cwd=str(ROOT))
+    env = sanitizers.sanitizer_env({ASAN_ENV: "1"})
+    if env is None:
+        return sanitizers.unavailable("CUDA emulation")
+    return sanitizers.run_pytest(["test_cuda_emulated.py"], pytest_args, env)
 
 
 if __name__ == "__main__":
