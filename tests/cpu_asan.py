@@ -27,7 +27,6 @@ ROOT = sanitizers.ROOT
 NAME = "dabdetr_cpu_asan"
 TEST_FILES = ["test_ops_attention.py", "test_ops_sine.py", "test_ops_errors.py", "test_ops_fuzz.py",
               "test_winograd.py", "test_cpu_isa.py", "test_model_parity.py"]
-BUILD_ENV = "DABDETR_CPU_ASAN_BUILD"
 
 
 def build_directory():
@@ -44,8 +43,8 @@ def build() -> str:
     import torch
 
     flags = sanitizers.FLAGS + ["-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
-    # cpp_extension.load loads the library into this process, which checks that it loads
-    torch_ext = sanitizers.locked_load(
+    # (cpp_extension.load also loads the library into this process: a check that it loads)
+    sanitizers.locked_load(
         build_directory(),
         name=NAME,
         sources=sources(),
@@ -54,7 +53,6 @@ def build() -> str:
         extra_ldflags=sanitizers.LDFLAGS + ["-fopenmp"],
         is_python_module=False,
     )
-    del torch_ext
     path = build_directory() / f"{NAME}.so"
     assert path.exists(), f"no {path} after the build"
     assert hasattr(torch.ops, "dabdetr_winograd"), "the sanitized library registered no Winograd ops"
@@ -67,7 +65,7 @@ def main(pytest_args) -> int:
         return sanitizers.unavailable("The C++ CPU kernels")
     # build in a child with the runtime preloaded (this process has none, so it cannot load the
     # library), then run the tests with it in place of dabdetr._C
-    rc = sanitizers.run([sys.executable, __file__, "--build"], {**env, BUILD_ENV: "1"})
+    rc = sanitizers.run([sys.executable, __file__, "--build"], env)
     if rc != 0:
         print("tests/cpu_asan.py: the sanitized build failed", file=sys.stderr)
         return rc
