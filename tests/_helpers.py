@@ -303,9 +303,9 @@ def compare_to_reference(
     Tolerance (DESIGN.md): float32 ``FP32_TOL[op]`` (or 2 × the float32 reference's own error
     where that is larger: ill-conditioned inputs), float64 ``FP64_TOL``, float16/bfloat16
     ``2 * max(err(ref in that dtype vs float64), eps of the dtype) + 1e-3`` (see ``tol``), each
-    relative to the reference's max magnitude, separately for the output and each gradient. ``grad_floors(inputs64, gout64)``
-    may give, per gradient, a floor of that magnitude (see ``attention_grad_floors``). Returns
-    ``(out, grads, ref_out64, ref_grads64)``.
+    relative to the reference's max magnitude, separately for the output and each gradient.
+    ``grad_floors(inputs64, gout64)`` may give, per gradient, a floor of that magnitude (see
+    ``attention_grad_floors``). Returns ``(out, grads, ref_out64, ref_grads64)``.
     """
     first = next(v for v in inputs.values() if isinstance(v, Tensor) and v.is_floating_point())
     dtype, device = first.dtype, first.device

@@ -174,8 +174,9 @@ _NCHW_WGRAD_MIN_CHANNELS = 128
 #         convolution, 2-core AVX-512 EPYC, vs the direct path (channels-last oneDNN, NCHW weight
 #         gradient), ms: R50 at 800x1333:1 layer2 (128 channels, 100x167) 74.7 -> 59.6, layer3
 #         (256, 50x84) 72.8 -> 48.5, layer4 (512, 25x42) 74.4 -> 47.2; at 512x512:2 37.5 -> 29.0,
-#         37.2 -> 25.3, 41.3 -> 28.0; forward only 1.02-1.38x at 128-256 channels, 1.2-1.3x at 512. At 64 channels it loses (layer1, forward only:
-#         11.3 -> 14.6 ms at 512x512:2), hence the floor.
+#         37.2 -> 25.3, 41.3 -> 28.0; forward only 1.02-1.38x at 128-256 channels, 1.2-1.3x at
+#         512. At 64 channels it loses (layer1, forward only: 11.3 -> 14.6 ms at 512x512:2), hence
+#         the floor.
 #   "f4": F(4x4, 3x3) from _WINOGRAD_MIN_CHANNELS channels where the map has enough tiles, else
 #         F(2x2, 3x3) as "f2": 4x fewer multiply-adds in the GEMMs, float32 error ~4-8x the direct
 #         one's (6-8e-6), hence a choice (``backbone_winograd="f4"``, the "+winograd" benchmark
